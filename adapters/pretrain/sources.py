@@ -1,0 +1,62 @@
+"""Natural-image source data for pretraining: train splits only, held in memory.
+
+The shifted target domains (Kvasir-SEG, CVC-ClinicDB) are never read here. A validation
+subset is carved from each natural train split (by video sequence where frames are
+correlated) to select checkpoints; test splits are used only for the final report.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data import FolderDataset
+
+SOURCE_SETS = ("coco128_seg", "davis2016", "camvid")
+FORBIDDEN_SETS = ("kvasir_seg", "cvc_clinicdb")
+VAL_FRACTION = 0.12
+
+
+@dataclass
+class SourceImage:
+    stem: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    instances: np.ndarray  # (N, H, W) bool
+
+
+def _group(name: str, stem: str) -> str:
+    """Frames of one video go to the same side of the train/val carve."""
+    if name == "davis2016":
+        return stem.rsplit("_", 1)[0]
+    return stem
+
+
+def carve_validation(name: str, stems: list[str], fraction: float = VAL_FRACTION,
+                     seed: int = 0) -> tuple[list[str], list[str]]:
+    """Split a train split's stems into (train, val), deterministically."""
+    groups = sorted({_group(name, s) for s in stems})
+    random.Random(seed).shuffle(groups)
+    n_val = max(1, round(fraction * len(groups)))
+    val_groups = set(groups[:n_val])
+    train = [s for s in stems if _group(name, s) not in val_groups]
+    val = [s for s in stems if _group(name, s) in val_groups]
+    return train, val
+
+
+def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001) -> list[SourceImage]:
+    """Load ``part`` ("train", "val" or "test") of one natural set into memory."""
+    if name in FORBIDDEN_SETS:
+        raise ValueError(f"{name} is a target domain and must not be used to pretrain the source model")
+    split = "test" if part == "test" else "train"
+    # A few source masks are empty after instance extraction; they carry no training signal.
+    ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True)
+    stems = ds.stems
+    if part != "test":
+        train, val = carve_validation(name, list(stems))
+        stems = train if part == "train" else val
+        ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, stems=stems)
+    # skip_bad already decoded every pair once; keep the second pass cheap by reading only kept stems.
+    return [SourceImage(s.stem, s.image, s.instances) for s in ds]
