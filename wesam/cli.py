@@ -70,11 +70,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from adapters.artifact import AdapterError
+
+    adapter_ref = None
     try:
         spec = PromptSpec(args.prompt, n_points=args.points, seed=args.seed)
         model = resolve_model(args.model, args.checkpoint)
+        if args.adapter:
+            adapter_ref = _attach(model, args.adapter, args.registry)
         ds = open_dataset(args.data, args.split, skip_bad=args.skip_bad, min_area_frac=args.min_area_frac)
-    except (ModelLoadError, DataError, ValueError) as e:
+    except (ModelLoadError, DataError, AdapterError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     samples: Any = ds
@@ -95,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "n_instances": res["n_instances"],
         "model": model.name,
         "model_sha256": model.sha256,
-        "adapter": None,
+        "adapter": adapter_ref,
         "prompt": args.prompt,
         "points": list(args.points) if args.prompt == "point" else None,
         "seed": args.seed,
@@ -106,11 +111,87 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if not args.quiet:
         print(f"\n{'':<22}{'mIoU':>8}{'F1':>8}")
-        print(f"{model.name + ' (' + args.prompt + ')':<22}{out['miou']:>8.4f}{out['f1']:>8.4f}")
+        label = f"{model.name}{'+' + adapter_ref if adapter_ref else ''} ({args.prompt})"
+        print(f"{label:<22}{out['miou']:>8.4f}{out['f1']:>8.4f}")
         print(f"{'box filled (baseline)':<22}{out['box_filled']['miou']:>8.4f}{out['box_filled']['f1']:>8.4f}")
         print(f"{out['n_images']} images, {out['n_instances']} instances")
     _write_json(args.json, out)
     return 0
+
+
+def _open_artifact(ref: str, registry: str | None):
+    """An adapter directory, or DOMAIN[@vN] looked up in the registry."""
+    from adapters.artifact import AdapterError, read_artifact
+    from adapters.registry import Registry
+
+    if Path(ref).is_dir():
+        return read_artifact(ref)
+    if registry is None:
+        raise AdapterError(f"{ref!r} is not an adapter directory; pass --registry DIR to look it up")
+    return Registry(registry).resolve(ref)
+
+
+def _attach(model: Any, ref: str, registry: str | None) -> str:
+    """Load an adapter into the model and make it active; returns its reference."""
+    from adapters.artifact import attach_adapter
+    from adapters.lora import set_adapter
+
+    art = _open_artifact(ref, registry)
+    name = attach_adapter(model, art)
+    set_adapter(model.sam, name)
+    return art.ref
+
+
+# -- adapters ---------------------------------------------------------------------------------------
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from adapters.artifact import AdapterError, verify_artifact
+    from adapters.registry import Registry, parse_ref
+    from adapters.zoo import ModelLoadError, resolve_model
+
+    reg = Registry(args.registry)
+    try:
+        if args.adapters_cmd == "list":
+            rows = []
+            for domain in reg.domains():
+                active = reg.active_version(domain)
+                for v in reg.versions(domain):
+                    meta = reg.resolve(f"{domain}@v{v}").meta
+                    rows.append({"adapter": f"{domain}@v{v}", "active": v == active,
+                                 "base_model": meta["base_model"].get("name"), "method": meta.get("method"),
+                                 "prompt": meta.get("prompt"), "created": meta.get("created"),
+                                 "miou_after": (meta.get("metrics") or {}).get("after", {}).get("miou")})
+            if args.json:
+                _print_json(rows)
+            elif not rows:
+                print(f"no adapters in {reg.root}")
+            else:
+                for r in rows:
+                    miou = f"{r['miou_after']:.4f}" if isinstance(r["miou_after"], float) else "-"
+                    print(f"{'*' if r['active'] else ' '} {r['adapter']:<24} base={r['base_model']:<10} "
+                          f"method={r['method']} prompt={r['prompt']} mIoU={miou} {r['created']}")
+            return 0
+        if args.adapters_cmd == "show":
+            _print_json(_open_artifact(args.ref, args.registry).meta)
+            return 0
+        if args.adapters_cmd == "verify":
+            art = _open_artifact(args.ref, args.registry)
+            base = None
+            if not args.no_base:
+                base = resolve_model(args.model or art.meta["base_model"]["name"], args.checkpoint)
+            report = verify_artifact(art, base)
+            _print_json(report)
+            return 0 if report["ok"] else 1
+        if args.adapters_cmd == "activate":
+            domain, _ = parse_ref(args.domain)
+            version = int(args.version.lstrip("v"))
+            reg.activate(domain, version)
+            print(f"{domain} -> v{version}")
+            return 0
+    except (AdapterError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    raise SystemExit("usage: wesam adapters list|show|verify|activate")
 
 
 # -- pretrain ---------------------------------------------------------------------------------------
@@ -155,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="sam-mini", help="zoo name or weights file (default: sam-mini)")
     e.add_argument("--checkpoint", help="weights for an official model (vit_b/l/h)")
     e.add_argument("--data", required=True, help="dataset folder (images/, masks/, split.json) or COCO json")
+    e.add_argument("--adapter", help="adapter directory, or DOMAIN[@vN] in --registry (newest if no @vN)")
+    e.add_argument("--registry", help="adapter registry directory")
     e.add_argument("--split", default="test")
     e.add_argument("--prompt", default="box", choices=["box", "point", "coarse", "coarse-box"])
     e.add_argument("--points", type=_parse_points, default=(5, 5), metavar="POS,NEG",
@@ -169,6 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--threads", type=int)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    a = sub.add_parser("adapters", help="list, inspect, verify and activate adapter versions")
+    a.add_argument("--registry", default="registry", help="adapter registry directory (default ./registry)")
+    asub = a.add_subparsers(dest="adapters_cmd", required=True)
+    al = asub.add_parser("list")
+    al.add_argument("--json", action="store_true")
+    ash = asub.add_parser("show")
+    ash.add_argument("ref", help="adapter directory or DOMAIN[@vN]")
+    av = asub.add_parser("verify", help="re-hash files and check the base model hash")
+    av.add_argument("ref")
+    av.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    av.add_argument("--checkpoint")
+    av.add_argument("--no-base", action="store_true", help="only re-hash the files")
+    aa = asub.add_parser("activate", help="route a domain to a version (roll forward or back)")
+    aa.add_argument("domain")
+    aa.add_argument("version", help="vN")
+    for sp in (al, ash, av, aa):  # also accept --registry after the subcommand
+        sp.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    a.set_defaults(func=cmd_adapters)
 
     t = sub.add_parser("pretrain", help="train the sam-mini source model from scratch")
     t.add_argument("--out", default="runs/pretrain-sam-mini", help="run directory (checkpoints, best weights)")

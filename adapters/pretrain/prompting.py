@@ -76,9 +76,11 @@ def corrective_prompts(prev: PromptBatch, pred: torch.Tensor, gts: torch.Tensor,
     err = (pred ^ gts).cpu().numpy()
     gt_np = gts.cpu().numpy()
     coords = np.zeros((n, 1, 2), dtype=np.float32)
-    labels = np.zeros((n, 1), dtype=np.int64)
+    labels = np.full((n, 1), -1, dtype=np.int64)  # -1: "not a point" when nothing is left to fix
     for i in range(n):
         region = err[i] if err[i].any() else gt_np[i]
+        if not region.any():  # object too small to survive the loss-resolution downsampling
+            continue
         (x, y), = _sample_pixels(region, 1, rng)
         coords[i, 0] = ((x + 0.5) * scale, (y + 0.5) * scale)
         labels[i, 0] = int(gt_np[i, int(y), int(x)])

@@ -226,7 +226,7 @@ class Pretrainer:
         torch.nn.utils.clip_grad_norm_(sam.parameters(), cfg.grad_clip)
         self.opt.step()
         self.step += 1
-        return {"loss": float(total), "lr": lr}
+        return {"loss": total.item(), "lr": lr}
 
     # -- validation
     def validate(self) -> dict[str, Any]:

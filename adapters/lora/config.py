@@ -1,0 +1,56 @@
+"""What a LoRA adapter adapts, and how strongly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# target name -> (Linear inside each encoder block, output slice as (start, stop) in units of dim)
+TARGETS: dict[str, tuple[str, tuple[int, int]]] = {
+    "q": ("attn.qkv", (0, 1)),
+    "k": ("attn.qkv", (1, 2)),
+    "v": ("attn.qkv", (2, 3)),
+    "proj": ("attn.proj", (0, 1)),
+    "mlp1": ("mlp.lin1", (0, 4)),
+    "mlp2": ("mlp.lin2", (0, 1)),
+}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyper-parameters.
+
+    rank: r of the low-rank update B·A; alpha: the update is scaled by alpha / rank
+    (alpha = rank gives scale 1.0, the WeSAM reference, which has no scaling);
+    targets: names from ``TARGETS``; blocks: encoder block indices (None = all).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: tuple[str, ...] = ("q", "v")
+    blocks: tuple[int, ...] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("LoRA rank must be >= 1")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        d["blocks"] = None if self.blocks is None else list(self.blocks)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "LoraConfig":
+        d = dict(d)
+        d["targets"] = tuple(d["targets"])
+        d["blocks"] = None if d.get("blocks") is None else tuple(d["blocks"])
+        return cls(**d)
