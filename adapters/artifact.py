@@ -69,6 +69,7 @@ def save_adapter(out_dir: str | os.PathLike, model: LoadedModel, adapter: str, *
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.contiguous().cpu().float() for k, v in adapter_state(model.sam, adapter).items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "wesam-lora"})
+    os.chmod(out / WEIGHTS_FILE, 0o644)  # safetensors writes 0600; servers may run as another user
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "domain": domain,

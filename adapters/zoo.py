@@ -375,6 +375,7 @@ def save_safetensors(sam: Sam, path: str | os.PathLike, *, name: str, config: Sa
     meta.update(extra_meta or {})
     tmp = path.with_name(path.name + ".tmp")
     save_file(sd, str(tmp), metadata=meta)
+    os.chmod(tmp, 0o644)  # safetensors writes 0600; serving containers run as another user
     os.replace(tmp, path)
     return sha256_file(path)
 

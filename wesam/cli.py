@@ -194,6 +194,51 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     raise SystemExit("usage: wesam adapters list|show|verify|activate")
 
 
+# -- adapt ------------------------------------------------------------------------------------------
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from adapters.adapt.trainer import AdaptConfig, Adapter, AdaptInterrupted
+    from adapters.artifact import AdapterError
+    from adapters.data import DataError
+    from adapters.zoo import ModelLoadError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    try:
+        cfg = AdaptConfig(
+            data=args.data, domain=args.domain, model=args.model, checkpoint=args.checkpoint, split=args.split,
+            prompt=args.prompt, method=args.method, registry=args.registry, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
+            lora_alpha=args.lora_alpha, seed=args.seed, device=args.device, eval_every=args.eval_every,
+            n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, work_dir=args.work_dir,
+            limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
+        trainer = Adapter(cfg)
+        summary = trainer.run(resume=args.resume, publish=not args.no_publish)
+    except AdaptInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    except (ModelLoadError, DataError, AdapterError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if summary:
+        _print_json(summary)
+        _write_json(args.json, summary)
+    return 0
+
+
 # -- pretrain ---------------------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -215,6 +260,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         summary["shipped"] = {"path": str(Path(args.ship) / manifest["file"]), "sha256": manifest["sha256"]}
     _print_json(summary)
     return 0
+
+
+# -- bench ------------------------------------------------------------------------------------------
+
+BENCHES = {"source": "bench.source_model"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHES[args.name])
+    return module.main(args.rest)
 
 
 # -- parser -----------------------------------------------------------------------------------------
@@ -272,6 +329,40 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapters)
 
+    from adapters.adapt import DEFAULT_METHOD, METHODS
+
+    d = sub.add_parser("adapt", help="weakly supervised LoRA adaptation to a target domain (WeSAM)")
+    d.add_argument("--model", default="sam-mini")
+    d.add_argument("--checkpoint", help="weights for an official model (vit_b/l/h)")
+    d.add_argument("--data", required=True, help="target-domain dataset folder")
+    d.add_argument("--split", default="train", help="adaptation split (a validation part is carved from it)")
+    d.add_argument("--prompt", default="box", choices=["box", "point", "coarse", "coarse-box"])
+    d.add_argument("--points", type=_parse_points, default=(5, 5), metavar="POS,NEG")
+    d.add_argument("--domain", required=True, help="domain name, e.g. polyp")
+    d.add_argument("--registry", default="registry", help="adapter registry directory (default ./registry)")
+    d.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
+    d.add_argument("--steps", type=int, default=400)
+    d.add_argument("--batch-size", type=int, default=4)
+    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--lora-rank", type=int, default=4)
+    d.add_argument("--lora-alpha", type=float, help="scale = alpha / rank (default: scale 1, as WeSAM)")
+    d.add_argument("--lora-targets", nargs="+", default=["q", "v"],
+                   choices=["q", "k", "v", "proj", "mlp1", "mlp2"])
+    d.add_argument("--ema-decay", type=float, help="use an EMA teacher with this decay (ablation)")
+    d.add_argument("--confidence", type=float, help="ignore pseudo-label pixels with |logit| below this")
+    d.add_argument("--eval-every", type=int, default=50, help="steps between validations")
+    d.add_argument("--val-fraction", type=float, default=0.12)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cpu", help="cpu or cuda")
+    d.add_argument("--threads", type=int)
+    d.add_argument("--work-dir", help="checkpoints (default runs/adapt/<run name>)")
+    d.add_argument("--no-resume", dest="resume", action="store_false")
+    d.add_argument("--no-publish", action="store_true", help="train and report, but do not publish")
+    d.add_argument("--limit", type=int, help="use only the first N images of the split")
+    d.add_argument("--skip-bad", action="store_true")
+    d.add_argument("--json", help="write the run summary here")
+    d.set_defaults(func=cmd_adapt)
+
     t = sub.add_parser("pretrain", help="train the sam-mini source model from scratch")
     t.add_argument("--out", default="runs/pretrain-sam-mini", help="run directory (checkpoints, best weights)")
     t.add_argument("--data-root", default=DEFAULT_DATA_ROOT,
@@ -289,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(models/sam-mini ships the embedded default)")
     t.add_argument("--ship-only", action="store_true", help="only ship the best weights of --out to --ship")
     t.set_defaults(func=cmd_pretrain)
+    from export.cli import add_export_parser
+
+    add_export_parser(sub)
+
+    b = sub.add_parser("bench", help="benchmarks; each writes JSON and updates bench/RESULTS.md",
+                       description="wesam bench NAME [options]; `wesam bench NAME --help` lists the options")
+    b.add_argument("name", choices=sorted(BENCHES))
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

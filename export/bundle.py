@@ -1,0 +1,177 @@
+"""An ONNX export directory: per-domain encoder graphs, one decoder graph, ``export.json``.
+
+Layout::
+
+    DIR/export.json                 manifest (models, adapters, graphs, preprocessing)
+    DIR/encoder_<domain>.onnx       one per domain; "base" is the model without adapter
+    DIR/encoder_<domain>.onnx.data  weights, only for models too large for one protobuf (ViT-H)
+    DIR/decoder.onnx                prompt encoder + mask decoder, shared by all domains
+    DIR/adapters/<domain>/          copy of each exported adapter artifact (provenance, check)
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, read_artifact
+from adapters.transforms import PIXEL_MEAN, PIXEL_STD
+from adapters.zoo import LoadedModel, sha256_file
+
+from .common import (ExportError, prepare_staging, progress, publish_dir, read_json, utc_now, wesam_version,
+                     write_json)
+from .merged import plain_sam
+from .errors import DEFAULT_OPSET
+from .onnx_graphs import NUM_MASK_OUTPUTS, export_decoder, export_encoder
+
+EXPORT_FILE = "export.json"
+FORMAT = "wesam-onnx"
+FORMAT_VERSION = 1
+BASE_DOMAIN = "base"
+DECODER_FILE = "decoder.onnx"
+
+
+def encoder_file(domain: str) -> str:
+    return f"encoder_{domain}.onnx"
+
+
+@dataclass
+class ExportBundle:
+    """A validated export directory."""
+
+    root: Path
+    manifest: dict[str, Any]
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.manifest["encoders"])
+
+    def encoder_path(self, domain: str) -> Path:
+        if domain not in self.manifest["encoders"]:
+            raise ExportError(f"no encoder for domain {domain!r} in {self.root}; have {', '.join(self.domains)}")
+        return self.root / self.manifest["encoders"][domain]["file"]
+
+    @property
+    def decoder_path(self) -> Path:
+        return self.root / self.manifest["decoder"]["file"]
+
+    @property
+    def img_size(self) -> int:
+        return int(self.manifest["preprocessing"]["img_size"])
+
+    @property
+    def low_res_size(self) -> int:
+        return int(self.manifest["low_res_size"])
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.manifest.get("mask_threshold", 0.0))
+
+    @property
+    def base_model(self) -> dict[str, Any]:
+        return self.manifest["base_model"]
+
+    def adapter(self, domain: str) -> AdapterArtifact | None:
+        """The copy of the adapter exported for ``domain``, re-hashed against the manifest."""
+        entry = self.manifest["encoders"][domain].get("adapter")
+        if entry is None:
+            return None
+        art = read_artifact(self.root / entry["copy"])
+        got = sha256_file(art.path / WEIGHTS_FILE)
+        if got != entry["sha256"]:
+            raise ExportError(f"{art.path / WEIGHTS_FILE} SHA-256 {got} differs from {EXPORT_FILE} "
+                              f"({entry['sha256']}): the adapter copy was modified")
+        return art
+
+
+def read_export(path: str | os.PathLike) -> ExportBundle:
+    """Open an export directory, checking the manifest and that every listed file exists."""
+    root = Path(path)
+    manifest = read_json(root / EXPORT_FILE, "wesam ONNX export directory")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{root / EXPORT_FILE}: not a {FORMAT} v{FORMAT_VERSION} manifest "
+                          f"(format {manifest.get('format')!r}, version {manifest.get('format_version')!r})")
+    graphs = [*manifest.get("encoders", {}).values(), manifest.get("decoder") or {}]
+    for g in graphs:
+        for name in g.get("files", []):
+            if not (root / name).is_file():
+                raise ExportError(f"{root}: {name} listed in {EXPORT_FILE} is missing")
+    if not manifest.get("encoders") or not manifest.get("decoder"):
+        raise ExportError(f"{root / EXPORT_FILE}: no encoder or no decoder listed")
+    return ExportBundle(root, manifest)
+
+
+def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir: str | os.PathLike, *,
+                include_base: bool = True, opset: int = DEFAULT_OPSET, simplify: bool = True) -> ExportBundle:
+    """Export encoders (base and/or one per adapter, merged) and the shared decoder to ``out_dir``."""
+    domains: dict[str, AdapterArtifact | None] = {BASE_DOMAIN: None} if include_base else {}
+    for art in adapters:
+        if art.domain == BASE_DOMAIN:
+            raise ExportError(f"adapter {art.path} has domain {BASE_DOMAIN!r}, which names the model "
+                              "without adapter; rename the domain")
+        if art.domain in domains:
+            raise ExportError(f"two adapters for domain {art.domain!r}: export one version per domain")
+        domains[art.domain] = art
+    if not domains:
+        raise ExportError("nothing to export: --no-base and no --adapter")
+    out = Path(out_dir)
+    staging = prepare_staging(out, EXPORT_FILE, "wesam ONNX export")
+    try:
+        encoders: dict[str, Any] = {}
+        for domain, art in domains.items():
+            sam = plain_sam(model, art)
+            info = export_encoder(sam, staging / encoder_file(domain), opset=opset, simplify=simplify,
+                                  label=f"encoder {domain}")
+            del sam
+            gc.collect()  # one ViT-H copy at a time
+            entry = info.to_json(staging)
+            entry["adapter"] = None
+            if art is not None:
+                copy = Path("adapters") / domain
+                shutil.copytree(art.path, staging / copy)
+                entry["adapter"] = {
+                    "ref": art.ref, "domain": art.domain, "version": art.version,
+                    "sha256": art.meta["files"][WEIGHTS_FILE],
+                    "adapter_json_sha256": sha256_file(art.path / META_FILE),
+                    "lora": art.meta["lora"], "source": str(art.path.resolve()), "copy": str(copy),
+                }
+            encoders[domain] = entry
+        # LoRA adapts the image encoder only, so one decoder (from the base model) serves all domains.
+        dec = export_decoder(model.sam, staging / DECODER_FILE, opset=opset, simplify=simplify)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "wesam_version": wesam_version(),
+            "created": utc_now(),
+            "opset": opset,
+            "base_model": {"name": model.name, "sha256": model.sha256, "source": model.source,
+                           "config": model.config.to_json()},
+            "preprocessing": {
+                "img_size": model.config.img_size,
+                # The constants the predictor's preprocessing uses (adapters.transforms).
+                "pixel_mean": list(PIXEL_MEAN),
+                "pixel_std": list(PIXEL_STD),
+                "channel_order": "RGB",
+                "layout": "NCHW float32",
+                "resize": "longest side to img_size, bilinear (segment_anything ResizeLongestSide / PIL)",
+                "normalize": "(pixel - pixel_mean) / pixel_std, pixels in [0, 255]",
+                "pad": "zeros at the bottom and right, after normalisation, to img_size x img_size",
+            },
+            "mask_threshold": float(model.sam.mask_threshold),
+            "low_res_size": model.config.low_res_size,
+            "embedding": {"channels": model.config.prompt_embed_dim, "grid": model.config.embedding_size},
+            "mask_outputs": {"count": NUM_MASK_OUTPUTS, "single": [0], "multimask": [1, 2, 3]},
+            "encoders": encoders,
+            "decoder": dec.to_json(staging),
+        }
+        write_json(staging / EXPORT_FILE, manifest)
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    progress(f"wrote {len(encoders)} encoder(s) and the decoder to {out}")
+    return read_export(out)

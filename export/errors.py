@@ -1,0 +1,9 @@
+"""The export layer's error type and defaults, free of heavy imports (the CLI parser uses them)."""
+
+
+class ExportError(RuntimeError):
+    """An export could not be made or an export directory is invalid (the CLI exits 2)."""
+
+
+DEFAULT_OPSET = 17  # LayerNormalization is a native op from 17; TensorRT 10 and ORT >= 1.14 support it
+DEFAULT_MIN_IOU = 0.99
