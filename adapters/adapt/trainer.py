@@ -1,0 +1,458 @@
+"""`wesam adapt`: weakly supervised LoRA adaptation of SAM to one target domain.
+
+Three views of SAM per image (WeSAM §2): a frozen anchor (the base model, weak view), the
+teacher (LoRA model, weak view, *with* gradient) and the student (the same LoRA model, strong
+view). Methods, from weakest to strongest supervision:
+
+- ``self-training``: student vs the teacher's hard pseudo-labels (focal + dice + IoU head);
+- ``anchor``: + dice of student and teacher against the anchor's masks;
+- ``wesam``: + instance contrast of mask-pooled teacher and anchor embeddings;
+- ``wesam+``: + the weak label as supervision (box projections, labelled points, coarse mask
+  outside its uncertain band); ``ema_decay`` and ``confidence`` add an EMA teacher and
+  confidence-masked pseudo-labels as separate ablations;
+- ``oracle``: the same LoRA trained on ground-truth masks (the upper bound).
+
+Data order and augmentations of step ``t`` depend only on (seed, t): runs are deterministic on
+CPU and a resumed run continues exactly. Under ``torchrun`` each rank takes a slice of every
+batch and LoRA gradients are all-reduced (averaged) before each step, which is what DDP does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..artifact import save_adapter
+from ..evaluate import PromptSpec, evaluate
+from ..lora import (LoraConfig, add_adapter, adapter_state, load_adapter_state, set_adapter, trainable_parameters,
+                    use_adapter)
+from ..predictor import SamPredictorCore
+from ..registry import Registry
+from ..transforms import SamTransform
+from ..zoo import LoadedModel, resolve_model
+from . import DEFAULT_METHOD, METHODS
+from . import losses as L
+from .data import AdaptSample, load_adaptation_data
+from .views import flip_view, strong_photometric
+
+ADAPTER = "train"
+EMA_ADAPTER = "ema"
+
+
+@dataclass
+class AdaptConfig:
+    data: str
+    domain: str
+    model: str = "sam-mini"
+    checkpoint: str | None = None
+    split: str = "train"
+    prompt: str = "box"
+    method: str = DEFAULT_METHOD
+    registry: str | None = "registry"
+    steps: int = 400
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 25
+    grad_clip: float = 1.0
+    lora_rank: int = 4
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = ("q", "v")
+    seed: int = 0
+    device: str = "cpu"
+    eval_every: int = 50
+    max_instances: int = 40
+    n_points: tuple[int, int] = (5, 5)
+    val_fraction: float = 0.12
+    ema_decay: float | None = None
+    confidence: float | None = None  # ignore pseudo-label pixels with |teacher logit| below this
+    weights: dict[str, float] = field(default_factory=lambda: {
+        "focal": 20.0, "dice": 1.0, "iou": 1.0, "anchor": 1.0, "contrast": 1.0,
+        "box": 1.0, "point": 1.0, "coarse": 1.0, "oracle_focal": 20.0, "oracle_dice": 1.0})
+    work_dir: str | None = None
+    limit: int | None = None
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.prompt not in ("box", "point", "coarse", "coarse-box"):
+            raise ValueError(f"unknown prompt {self.prompt!r}")
+        self.lora_targets = tuple(self.lora_targets)
+        self.n_points = tuple(self.n_points)
+
+    @property
+    def run_name(self) -> str:
+        extra = (f"-ema{self.ema_decay}" if self.ema_decay else "") + (f"-conf{self.confidence}" if self.confidence else "")
+        return f"{self.domain}-{self.method}{extra}-{self.prompt}-r{self.lora_rank}-{'+'.join(self.lora_targets)}-s{self.seed}"
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        d["n_points"] = list(self.n_points)
+        return d
+
+
+class AdaptInterrupted(Exception):
+    """Ctrl-C: the checkpoint is saved, nothing is published."""
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@dataclass
+class _View:
+    """One image prepared for the model: tensors in the padded input frame at loss resolution."""
+
+    image: torch.Tensor  # (3, S, S) normalised
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
+    points: tuple[torch.Tensor, torch.Tensor] | None
+    boxes: torch.Tensor | None
+    mask_prompt: torch.Tensor | None
+    gt: torch.Tensor  # (N, h, w) {0,1} at the input frame (oracle and evaluation only)
+    box_input: torch.Tensor | None  # (N, 4) in the input frame
+    coords_input: torch.Tensor | None  # (N, K, 2)
+    point_labels: torch.Tensor | None
+    coarse_input: torch.Tensor | None  # (N, h, w)
+
+
+class Adapter:
+    def __init__(self, cfg: AdaptConfig, log: Callable[[str], None] = print) -> None:
+        self.cfg = cfg
+        self.rank, self.world = _dist()
+        self.log = log if self.rank == 0 else (lambda *_: None)
+        torch.manual_seed(cfg.seed)
+        self.base: LoadedModel = resolve_model(cfg.model, cfg.checkpoint)
+        self.device = torch.device(cfg.device)
+        sam = self.base.sam.to(self.device)
+        # The anchor is copied before LoRA exists: it is exactly the source model.
+        self.anchor = copy.deepcopy(sam).eval()
+        for p in self.anchor.parameters():
+            p.requires_grad_(False)
+        self.lora_cfg = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        add_adapter(sam, ADAPTER, self.lora_cfg)
+        if cfg.ema_decay:
+            add_adapter(sam, EMA_ADAPTER, self.lora_cfg)
+        self.params = trainable_parameters(sam, ADAPTER)
+        set_adapter(sam, ADAPTER)
+        self.sam = sam
+        self.transform = SamTransform(sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0])
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train, self.val, self.fingerprint = load_adaptation_data(
+            cfg.data, cfg.split, cfg.prompt, seed=cfg.seed, n_points=cfg.n_points,
+            val_fraction=cfg.val_fraction, skip_bad=cfg.skip_bad, limit=cfg.limit)
+        if not self.train:
+            raise ValueError(f"no adaptation images in {cfg.data} split {cfg.split!r}")
+        self.work = Path(cfg.work_dir or Path("runs") / "adapt" / cfg.run_name)
+        self.step = 0
+        self.best_val = -1.0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.val_before: dict[str, Any] | None = None
+        self.seconds = 0.0
+
+    # -- data
+    def _view(self, sample: AdaptSample, rng: np.random.Generator) -> tuple[_View, _View | None]:
+        cfg, t = self.cfg, self.transform
+        image, masks, label = flip_view(sample.image, sample.instances, sample.label,
+                                        bool(rng.random() < 0.5), bool(rng.random() < 0.5))
+        n = len(masks)
+        if n > cfg.max_instances:  # the reference caps instances per training image (§7)
+            keep = np.sort(rng.choice(n, cfg.max_instances, replace=False))
+            masks = masks[keep]
+            label = type(label)(label.kind,
+                                boxes=None if label.boxes is None else label.boxes[keep],
+                                point_coords=None if label.point_coords is None else label.point_coords[keep],
+                                point_labels=None if label.point_labels is None else label.point_labels[keep],
+                                mask_inputs=None if label.mask_inputs is None else label.mask_inputs[keep])
+        strong = strong_photometric(image, rng)
+        orig = image.shape[:2]
+        dev = self.device
+
+        def make(img: np.ndarray) -> _View:
+            x, in_size = t.image_to_tensor(img)
+            h, w = in_size
+            gt = F.interpolate(torch.as_tensor(masks, dtype=torch.float32)[:, None], (h, w), mode="nearest")[:, 0]
+            points = boxes = mask_prompt = box_in = coords_in = labels = coarse_in = None
+            if label.boxes is not None:
+                box_in = torch.as_tensor(t.boxes(label.boxes, orig), dtype=torch.float32, device=dev)
+                boxes = box_in
+            if label.point_coords is not None:
+                coords_in = torch.as_tensor(t.coords(label.point_coords, orig), dtype=torch.float32, device=dev)
+                labels = torch.as_tensor(label.point_labels, dtype=torch.int64, device=dev)
+                points = (coords_in, labels)
+            if label.mask_inputs is not None:
+                mask_prompt = torch.as_tensor(t.mask_to_prompt(label.mask_inputs, orig), device=dev)
+                coarse_in = F.interpolate(torch.as_tensor(label.mask_inputs, dtype=torch.float32)[:, None], (h, w),
+                                          mode="nearest")[:, 0].to(dev)
+            return _View(x.to(dev), in_size, orig, points, boxes, mask_prompt, gt.to(dev), box_in, coords_in,
+                         labels, coarse_in)
+
+        return make(image), make(strong)
+
+    # -- model passes
+    def _decode(self, sam, emb: torch.Tensor, v: _View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """emb (1, C, g, g) -> low-res (N, 1, L, L), full logits cropped to the input (N, h, w), IoU (N,)."""
+        sparse, dense = sam.prompt_encoder(points=v.points, boxes=v.boxes, masks=v.mask_prompt)
+        low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                    multimask_output=False)
+        s = sam.image_encoder.img_size
+        full = F.interpolate(low, (s, s), mode="bilinear", align_corners=False)[:, 0, :v.input_size[0], :v.input_size[1]]
+        return low, full, iou[:, 0]
+
+    def _image_losses(self, weak: _View, strong: _View, e_a, e_t, e_s) -> dict[str, torch.Tensor]:
+        cfg, w = self.cfg, self.cfg.weights
+        sam = self.sam
+        out: dict[str, torch.Tensor] = {}
+        s_low, s_full, s_iou = self._decode(sam, e_s, strong)
+        if cfg.method == "oracle":
+            out["oracle_focal"] = L.constant_alpha_focal(s_full, weak.gt, alpha=L.FOCAL_ALPHA)
+            out["oracle_dice"] = L.dice_loss(s_full, weak.gt, per_mask=False)
+            with torch.no_grad():
+                target = L.mask_iou(s_full > 0, weak.gt > 0.5)
+            out["iou"] = F.mse_loss(s_iou.float(), target)
+            return out
+        if cfg.ema_decay:
+            with torch.no_grad(), use_adapter(sam, EMA_ADAPTER):
+                t_low, t_full, _ = self._decode(sam, e_t, weak)
+        else:
+            t_low, t_full, _ = self._decode(sam, e_t, weak)
+        pseudo = (t_full.detach() > 0).float()
+        weight = (t_full.detach().abs() >= cfg.confidence).float() if cfg.confidence else None
+        out.update(L.self_training_loss(s_full, pseudo, s_iou, weight))
+        if cfg.method in ("anchor", "wesam", "wesam+"):
+            with torch.no_grad():
+                a_low, a_full, _ = self._decode(self.anchor, e_a, weak)
+            a_lab = (a_full > 0).float()
+            if cfg.ema_decay:  # the EMA teacher has no gradient: tie the student only
+                out["anchor"] = L.dice_loss(s_full, a_lab, per_mask=False)
+            else:
+                out["anchor"] = L.anchor_loss(s_full, t_full, a_lab)
+            if cfg.method in ("wesam", "wesam+"):
+                if cfg.ema_decay:
+                    out["contrast"] = L.contrastive_loss(e_s[0], e_a[0], s_low, a_low)
+                else:
+                    out["contrast"] = L.contrastive_loss(e_t[0], e_a[0], t_low, a_low)
+        if cfg.method == "wesam+":
+            if strong.box_input is not None:
+                out["box"] = L.box_projection_loss(s_full, strong.box_input)
+            if strong.coords_input is not None:
+                out["point"] = L.point_loss(s_full, strong.coords_input, strong.point_labels)
+            if strong.coarse_input is not None:
+                out["coarse"] = L.coarse_agreement_loss(s_full, strong.coarse_input)
+        return out
+
+    def train_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, self.step])
+        picks = rng.choice(len(self.train), cfg.batch_size, replace=len(self.train) < cfg.batch_size)
+        mine = picks[self.rank::self.world]
+        views = [self._view(self.train[i], np.random.default_rng([cfg.seed, self.step, int(j)]))
+                 for j, i in zip(range(self.rank, cfg.batch_size, self.world), mine)]
+        weak = torch.stack([v[0].image for v in views])
+        strong = torch.stack([v[1].image for v in views])
+        sam = self.sam
+        needs_teacher_grad = cfg.method in ("anchor", "wesam", "wesam+") and not cfg.ema_decay
+        e_a = e_t = None
+        if cfg.method != "oracle":
+            if cfg.method != "self-training":
+                with torch.no_grad():
+                    e_a = self.anchor.image_encoder(weak)
+            if cfg.ema_decay:
+                with torch.no_grad(), use_adapter(sam, EMA_ADAPTER):
+                    e_t = sam.image_encoder(weak)
+            elif needs_teacher_grad:
+                e_t = sam.image_encoder(weak)
+            else:
+                with torch.no_grad():
+                    e_t = sam.image_encoder(weak)
+        e_s = sam.image_encoder(strong)
+        total = torch.zeros((), device=self.device)
+        terms: dict[str, float] = {}
+        for i, (wv, sv) in enumerate(views):
+            losses = self._image_losses(wv, sv, None if e_a is None else e_a[i:i + 1],
+                                        None if e_t is None else e_t[i:i + 1], e_s[i:i + 1])
+            for k, v in losses.items():
+                total = total + cfg.weights.get(k, 1.0) * v
+                terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(views)
+        total = total / max(len(views), 1)
+        lr = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if self.world > 1:
+            for p in self.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.opt.step()
+        if cfg.ema_decay:
+            self._ema_update()
+        self.step += 1
+        terms["loss"] = float(total.detach())
+        return terms
+
+    @torch.no_grad()
+    def _ema_update(self) -> None:
+        d = self.cfg.ema_decay
+        src = adapter_state(self.sam, ADAPTER)
+        dst = adapter_state(self.sam, EMA_ADAPTER)
+        for k, v in dst.items():
+            v.mul_(d).add_(src[k], alpha=1 - d)
+
+    # -- evaluation
+    def evaluate_val(self, adapter: str | None = ADAPTER) -> dict[str, Any]:
+        cfg = self.cfg
+        with use_adapter(self.sam, adapter):
+            pred = SamPredictorCore(self.sam, self.device)
+            spec = PromptSpec(cfg.prompt, n_points=cfg.n_points, seed=cfg.seed)
+            return evaluate(pred, self.val, spec)
+
+    # -- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.work / "checkpoint.pt"
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        state = {
+            "adapter": adapter_state(self.sam, ADAPTER),
+            "ema": adapter_state(self.sam, EMA_ADAPTER) if self.cfg.ema_decay else {},
+            "optimizer": self.opt.state_dict(),
+            "step": self.step,
+            "seconds": self.seconds,
+            "best_val": self.best_val,
+            "best_state": self.best_state or {},
+            "history": json.dumps(self.history),
+            "val_before": json.dumps(self.val_before),
+            "config": json.dumps(self.cfg.to_json()),
+        }
+        tmp = self.ckpt_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.ckpt_path)
+
+    def resume(self) -> bool:
+        if not self.ckpt_path.is_file():
+            return False
+        state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
+        saved = json.loads(state["config"])
+        mine = self.cfg.to_json()
+        ignore = {"steps", "work_dir", "registry", "eval_every", "device"}
+        diff = {k for k in mine if k not in ignore and saved.get(k) != mine[k]}
+        if diff:
+            raise RuntimeError(f"{self.ckpt_path} was made with different settings ({', '.join(sorted(diff))}); "
+                               "use another --work-dir or --no-resume")
+        load_adapter_state(self.sam, ADAPTER, state["adapter"])
+        if self.cfg.ema_decay and state["ema"]:
+            load_adapter_state(self.sam, EMA_ADAPTER, state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        self.best_val = float(state["best_val"])
+        self.best_state = state["best_state"] or None
+        self.history = json.loads(state["history"])
+        self.val_before = json.loads(state["val_before"])
+        self.log(f"resumed {self.ckpt_path} at step {self.step}")
+        return True
+
+    def _validate_and_keep(self, train_terms: dict[str, float] | None) -> dict[str, Any]:
+        res = self.evaluate_val()
+        row = {"step": self.step, "val_miou": res["miou"], "val_f1": res["f1"], "train": train_terms}
+        self.history.append(row)
+        if res["miou"] > self.best_val:
+            self.best_val = res["miou"]
+            self.best_state = {k: v.clone() for k, v in adapter_state(self.sam, ADAPTER).items()}
+            row["best"] = True
+        self.log(f"step {self.step}: val mIoU {res['miou']:.4f} (best {self.best_val:.4f})")
+        return res
+
+    # -- main
+    def run(self, resume: bool = True, publish: bool = True) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if resume:
+            self.resume()
+        if self.val_before is None and self.rank == 0 and self.val:
+            self.val_before = self.evaluate_val(adapter=None)
+            self.best_val = self.val_before["miou"]  # the adapter must beat doing nothing
+            self.best_state = {k: v.clone() for k, v in adapter_state(self.sam, ADAPTER).items()}
+            self.log(f"direct (no adapter) val mIoU {self.best_val:.4f} on {len(self.val)} images")
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=self.rank != 0,
+                   desc=f"adapt {cfg.domain} ({cfg.method}, {cfg.prompt})", dynamic_ncols=True)
+        t0 = time.monotonic() - self.seconds
+        terms: dict[str, float] | None = None
+        try:
+            while self.step < cfg.steps:
+                terms = self.train_step()
+                self.seconds = time.monotonic() - t0
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
+                if self.rank == 0 and self.val and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self._validate_and_keep(terms)
+                    self.save_checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_checkpoint()
+            raise AdaptInterrupted(f"interrupted at step {self.step}; checkpoint {self.ckpt_path}; nothing published")
+        bar.close()
+        self.save_checkpoint()
+        if self.rank != 0:
+            return {}
+        if self.best_state is not None:
+            load_adapter_state(self.sam, ADAPTER, self.best_state)
+        after = self.evaluate_val() if self.val else None
+        summary = {
+            "domain": cfg.domain, "method": cfg.method, "prompt": cfg.prompt, "steps": self.step,
+            "seconds": round(self.seconds, 1), "val_before": _brief(self.val_before), "val_after": _brief(after),
+            "n_train": len(self.train), "n_val": len(self.val),
+        }
+        if publish and cfg.registry:
+            art = self._publish(summary)
+            summary["adapter"] = art.ref
+            summary["adapter_path"] = str(art.path)
+        return summary
+
+    def _publish(self, summary: dict[str, Any]):
+        cfg = self.cfg
+        reg = Registry(cfg.registry)
+        extra = {
+            "method": cfg.method + (f"+ema{cfg.ema_decay}" if cfg.ema_decay else "")
+            + (f"+conf{cfg.confidence}" if cfg.confidence else ""),
+            "prompt": cfg.prompt,
+            "data": {"path": str(cfg.data), "split": cfg.split, "fingerprint": self.fingerprint,
+                     "n_train": len(self.train), "n_val": len(self.val)},
+            "steps": self.step, "seed": cfg.seed, "train_seconds": round(self.seconds, 1),
+            "metrics": {"before": summary["val_before"], "after": summary["val_after"],
+                        "measured_on": "validation split carved from the adaptation data"},
+            "config": cfg.to_json(),
+        }
+        with reg.staging(cfg.domain) as staged:
+            save_adapter(staged, self.base, ADAPTER, domain=cfg.domain, extra=extra)
+        return reg.publish(staged, cfg.domain)
+
+
+def _brief(res: dict[str, Any] | None) -> dict[str, Any] | None:
+    if res is None:
+        return None
+    return {"miou": res["miou"], "f1": res["f1"], "n_images": res["n_images"], "n_instances": res["n_instances"]}
