@@ -1,0 +1,259 @@
+"""WeSAM adaptation: losses against hand-computed values, gradient paths, determinism, resume,
+and the publish guarantees of `wesam adapt` (nothing visible after a crash, kill or Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from adapters.adapt import losses as L
+from adapters.adapt.trainer import ADAPTER, AdaptConfig, Adapter
+from adapters.adapt.views import flip_view, strong_photometric
+from adapters.data.weak import derive_weak_labels
+from adapters.lora import adapter_state
+from adapters.registry import Registry
+from adapters.zoo import resolve_model, save_safetensors
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- losses ------------------------------------------------------------------------------------------
+
+def test_focal_hand_computed() -> None:
+    logits = torch.zeros(1, 2, 2)
+    target = torch.ones(1, 2, 2)
+    # p = 0.5: BCE = ln 2, (1 - p_t)^2 = 1/4, alpha = 0.8
+    assert L.constant_alpha_focal(logits, target, alpha=0.8).item() == pytest.approx(0.8 * 0.25 * math.log(2), rel=1e-5)
+
+
+def test_dice_hand_computed() -> None:
+    target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    half = torch.zeros(1, 2, 2)  # p = 0.5 everywhere: 1 - (2*1 + 1) / (2 + 2 + 1)
+    assert L.dice_loss(half, target, smooth=1.0, per_mask=False).item() == pytest.approx(0.4, rel=1e-6)
+    sure = torch.tensor([[[30.0, 30.0], [-30.0, -30.0]]])
+    assert L.dice_loss(sure, target, smooth=1.0, per_mask=False).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_iou_head_target_uses_student_mask() -> None:
+    student = torch.tensor([[[5.0, 5.0], [5.0, -5.0]]])  # 3 pixels on
+    pseudo = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])  # 2 on, both covered: IoU = 2/3
+    terms = L.self_training_loss(student, pseudo, torch.tensor([0.0]))
+    assert terms["iou"].item() == pytest.approx((2 / 3) ** 2, rel=1e-5)
+
+
+def _single_object_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    emb_t = torch.randn(8, 4, 4, generator=g, requires_grad=True)
+    emb_a = torch.randn(8, 4, 4, generator=g)
+    lr = torch.full((1, 1, 16, 16), -5.0)
+    lr[..., 4:12, 4:12] = 5.0
+    return emb_t, emb_a, lr
+
+
+def test_contrastive_is_nonzero_on_single_object_with_background() -> None:
+    emb_t, emb_a, lr = _single_object_inputs()
+    with_bg = L.contrastive_loss(emb_t, emb_a, lr, lr, background=True)
+    without = L.contrastive_loss(emb_t, emb_a, lr, lr, background=False)
+    assert with_bg.item() > 1e-3
+    assert without.item() == pytest.approx(0.0, abs=1e-7)  # the reference's N = 1 failure mode
+    (grad,) = torch.autograd.grad(with_bg, emb_t)
+    assert grad.abs().sum() > 0
+
+
+def test_contrastive_hand_computed_two_instances() -> None:
+    # Orthogonal pooled vectors, identical for teacher and anchor: s = I / tau.
+    emb = torch.zeros(2, 2, 2)
+    emb[0, 0, :] = 1.0
+    emb[1, 1, :] = 1.0
+    lr = torch.full((2, 1, 8, 8), -5.0)
+    lr[0, 0, :4, :] = 5.0
+    lr[1, 0, 4:, :] = 5.0
+    got = L.contrastive_loss(emb, emb, lr, lr, tau=0.3, background=False)
+    want = -math.log(math.exp(1 / 0.3) / (math.exp(1 / 0.3) + 1.0))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_box_projection_point_and_coarse_terms() -> None:
+    logits = torch.full((1, 10, 10), -20.0)
+    logits[0, 2:6, 3:8] = 20.0
+    box = torch.tensor([[3.0, 2.0, 7.0, 5.0]])
+    assert L.box_projection_loss(logits, box).item() == pytest.approx(0.0, abs=1e-4)
+    assert L.box_projection_loss(logits, torch.tensor([[0.0, 0.0, 9.0, 9.0]])).item() > 0.2
+    coords = torch.tensor([[[4.0, 3.0], [9.0, 9.0]]])
+    labels = torch.tensor([[1, 0]])
+    assert L.point_loss(logits, coords, labels).item() == pytest.approx(0.0, abs=1e-6)
+    assert L.point_loss(logits, coords, torch.tensor([[0, 1]])).item() > 10
+    coarse = torch.zeros(1, 10, 10)
+    coarse[0, 2:6, 3:8] = 1
+    assert L.coarse_agreement_loss(logits, coarse, band_px=1).item() == pytest.approx(0.0, abs=1e-6)
+    wrong = torch.zeros(1, 10, 10)
+    assert L.coarse_agreement_loss(logits, wrong, band_px=1).item() > 1
+
+
+# -- views -------------------------------------------------------------------------------------------
+
+def test_flip_view_moves_prompts_with_pixels() -> None:
+    img = np.zeros((20, 30, 3), np.uint8)
+    masks = np.zeros((1, 20, 30), bool)
+    masks[0, 2:6, 3:10] = True
+    label = derive_weak_labels(masks, "box")
+    for h, v in ((True, False), (False, True), (True, True)):
+        _, m2, l2 = flip_view(img, masks, label, h, v)
+        again = derive_weak_labels(m2, "box")
+        np.testing.assert_allclose(l2.boxes, again.boxes)
+    pts = derive_weak_labels(masks, "point", seed=1, key="a", n_points=(3, 0))
+    _, m2, l2 = flip_view(img, masks, pts, True, True)
+    xs, ys = l2.point_coords[0, :, 0].astype(int), l2.point_coords[0, :, 1].astype(int)
+    assert m2[0, ys, xs].all()
+
+
+def test_strong_view_keeps_geometry() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)
+    out = strong_photometric(img, rng)
+    assert out.shape == img.shape and out.dtype == np.uint8
+
+
+# -- trainer -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adapt")
+    root = tmp / "polyps"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    stems = [f"p{i}" for i in range(10)]
+    for i, stem in enumerate(stems):
+        img = rng.integers(60, 120, (48, 64, 3), dtype=np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        cv2.ellipse(mask, (20 + 2 * i, 24), (10, 7), 0, 0, 360, 255, -1)
+        img[mask > 0] = (200, 90, 80)
+        cv2.imwrite(str(root / "images" / f"{stem}.jpg"), img[..., ::-1])
+        cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
+    (root / "split.json").write_text(json.dumps({"train": stems[:8], "test": stems[8:]}))
+    m = resolve_model("sam-micro", seed=0)
+    model_path = tmp / "micro.safetensors"
+    save_safetensors(m.sam, model_path, name="sam-micro", config=m.config)
+    return tmp, root, model_path
+
+
+def _cfg(setup, **kw) -> AdaptConfig:
+    tmp, root, model_path = setup
+    base = dict(data=str(root), domain="polyp", model=str(model_path), registry=str(tmp / "reg"), steps=3,
+                batch_size=2, eval_every=2, work_dir=str(tmp / f"w-{time.monotonic_ns()}"))
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def test_teacher_gradient_paths(setup) -> None:
+    """§2: pseudo-label terms give the teacher no gradient; anchor and contrast terms do."""
+    a = Adapter(_cfg(setup, method="wesam"), log=lambda *_: None)
+    rng = np.random.default_rng(0)
+    weak, strong = a._view(a.train[0], rng)
+    e_a = a.anchor.image_encoder(weak.image[None]).detach()
+    e_t = a.sam.image_encoder(weak.image[None])
+    e_s = a.sam.image_encoder(strong.image[None])
+    losses = a._image_losses(weak, strong, e_a, e_t, e_s)
+    for key in ("focal", "dice", "iou"):
+        (g,) = torch.autograd.grad(losses[key], e_t, retain_graph=True, allow_unused=True)
+        assert g is None or g.abs().sum() == 0, key
+    for key in ("anchor", "contrast"):
+        (g,) = torch.autograd.grad(losses[key], e_t, retain_graph=True, allow_unused=True)
+        assert g is not None and g.abs().sum() > 0, key
+    assert all(not p.requires_grad for p in a.anchor.parameters())
+
+
+@pytest.mark.parametrize("method,prompt", [("self-training", "box"), ("anchor", "point"), ("wesam", "coarse"),
+                                           ("wesam+", "box"), ("wesam+", "point"), ("oracle", "box")])
+def test_every_method_trains_lora_only(setup, method, prompt) -> None:
+    a = Adapter(_cfg(setup, method=method, prompt=prompt), log=lambda *_: None)
+    before = {k: v.clone() for k, v in a.sam.state_dict().items()}
+    terms = a.train_step()
+    assert math.isfinite(terms["loss"])
+    after = a.sam.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+
+
+def test_deterministic_and_resume_equivalent(setup) -> None:
+    def state(adapter):
+        return {k: v.clone() for k, v in adapter_state(adapter.sam, ADAPTER).items()}
+
+    straight = Adapter(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
+    straight.run(publish=False)
+    again = Adapter(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
+    again.run(publish=False)
+    ck = torch.load(straight.ckpt_path, weights_only=True)["adapter"]
+    ck2 = torch.load(again.ckpt_path, weights_only=True)["adapter"]
+    assert all(torch.equal(ck[k], ck2[k]) for k in ck)
+
+    work = str(setup[0] / "resume-work")
+    first = Adapter(_cfg(setup, steps=2, method="wesam+", work_dir=work), log=lambda *_: None)
+    first.run(publish=False)
+    resumed = Adapter(_cfg(setup, steps=4, method="wesam+", work_dir=work), log=lambda *_: None)
+    assert resumed.resume() and resumed.step == 2
+    resumed.run(resume=False, publish=False)
+    ck3 = torch.load(resumed.ckpt_path, weights_only=True)["adapter"]
+    for k in ck:
+        torch.testing.assert_close(ck3[k], ck[k], atol=1e-6, rtol=1e-5)
+
+    other = Adapter(_cfg(setup, steps=4, method="wesam+", seed=1), log=lambda *_: None)
+    other.run(publish=False)
+    ck4 = torch.load(other.ckpt_path, weights_only=True)["adapter"]
+    assert any(not torch.equal(ck[k], ck4[k]) for k in ck)
+
+
+def _wesam_adapt(setup, *extra: str, steps: int = 3) -> subprocess.Popen:
+    tmp, root, model_path = setup
+    return subprocess.Popen(
+        [sys.executable, "-m", "wesam.cli", "adapt", "--model", str(model_path), "--data", str(root),
+         "--domain", "polyp", "--registry", str(tmp / "cli-reg"), "--steps", str(steps), "--batch-size", "2",
+         "--eval-every", "1", "--work-dir", str(tmp / f"cli-w-{time.monotonic_ns()}"), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_publishes_a_verified_version(setup) -> None:
+    p = _wesam_adapt(setup, "--method", "wesam", "--json", str(setup[0] / "summary.json"))
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    summary = json.loads((setup[0] / "summary.json").read_text())
+    assert summary["adapter"] == "polyp@v1" and summary["steps"] == 3
+    art = Registry(setup[0] / "cli-reg").resolve("polyp")
+    meta = art.meta
+    assert meta["method"] == "wesam" and meta["prompt"] == "box" and meta["steps"] == 3
+    assert meta["base_model"]["sha256"] and meta["data"]["fingerprint"]
+    assert set(meta["metrics"]) >= {"before", "after"}
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGKILL, -9)])
+def test_interrupted_run_publishes_nothing(setup, sig, code) -> None:
+    reg = Registry(setup[0] / "cli-reg-int")
+    tmp, root, model_path = setup
+    work = tmp / f"int-{sig}"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "wesam.cli", "adapt", "--model", str(model_path), "--data", str(root),
+         "--domain", "polyp", "--registry", str(reg.root), "--steps", "100000", "--batch-size", "2",
+         "--eval-every", "1", "--work-dir", str(work)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (work / "checkpoint.pt").exists():  # training is under way
+        assert p.poll() is None, p.communicate()[1]
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code
+    if sig == signal.SIGINT:
+        assert "nothing published" in err
+    assert reg.versions("polyp") == []
