@@ -264,7 +264,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCHES = {"source": "bench.source_model"}
+BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
