@@ -257,3 +257,23 @@ def test_interrupted_run_publishes_nothing(setup, sig, code) -> None:
     if sig == signal.SIGINT:
         assert "nothing published" in err
     assert reg.versions("polyp") == []
+
+
+def test_torchrun_two_process_gloo_matches_single_process(setup) -> None:
+    """Data-parallel adaptation (2 CPU processes, gloo) equals the single-process run."""
+    tmp, root, model_path = setup
+    common = ["adapt", "--model", str(model_path), "--data", str(root), "--domain", "polyp", "--steps", "2",
+              "--batch-size", "4", "--eval-every", "1", "--method", "wesam+", "--threads", "1"]
+    single, double = tmp / "ddp-1", tmp / "ddp-2"
+    r = subprocess.run([sys.executable, "-m", "wesam.cli", *common, "--registry", str(tmp / "ddp-reg-1"),
+                        "--work-dir", str(single)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29561", "-m", "wesam.cli", *common, "--registry", str(tmp / "ddp-reg-2"),
+                        "--work-dir", str(double)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(single / "checkpoint.pt", weights_only=True)["adapter"]
+    b = torch.load(double / "checkpoint.pt", weights_only=True)["adapter"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    assert Registry(tmp / "ddp-reg-2").versions("polyp") == [1]  # rank 0 published once
