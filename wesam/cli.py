@@ -264,7 +264,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation"}
+BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation", "serve": "bench.serve"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -381,8 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ship-only", action="store_true", help="only ship the best weights of --out to --ship")
     t.set_defaults(func=cmd_pretrain)
     from export.cli import add_export_parser
+    from service.cli import add_serve_parser
 
     add_export_parser(sub)
+    add_serve_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks; each writes JSON and updates bench/RESULTS.md",
                        description="wesam bench NAME [options]; `wesam bench NAME --help` lists the options")

@@ -1,0 +1,286 @@
+"""The HTTP service against the in-process predictor, side by side, in one run.
+
+Measures on one model (``sam-mini`` unless ``--model``):
+
+* full request (new image, one box): p50/p95 latency and sequential throughput of the service
+  (JSON + base64 PNG in, COCO RLE out, through BentoML's front and model-runtime processes)
+  against ``SamPredictorCore.predict`` on the decoded array in this process -> overhead ratio;
+* prompt-only request on a cached embedding (``image_id``) against the full request -> speed-up;
+* throughput with 1 and with N concurrent clients (``--concurrency``, default 8), new images each,
+  so the encoder runs every time and the adaptive batcher can merge requests.
+
+Images are generated (smooth random colour fields, ``--image-size``) and sent as base64 JPEG
+(``--format``); payloads are encoded before timing.
+The server gets the same torch thread count as the in-process predictor (``--threads``).
+
+Usage:
+    wesam bench serve                                  # sam-mini, starts its own server
+    wesam bench serve --model path/to/model.safetensors --requests 10 --json out.json --no-results
+    wesam bench serve --url http://127.0.0.1:3000      # an already running server of --model
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import pathlib
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(samples), q)) if samples else float("nan")
+
+
+def _summary(latencies_ms: list[float], wall_s: float) -> dict[str, float]:
+    return {"p50_ms": _percentile(latencies_ms, 50), "p95_ms": _percentile(latencies_ms, 95),
+            "mean_ms": statistics.fmean(latencies_ms), "throughput_rps": len(latencies_ms) / wall_s,
+            "requests": len(latencies_ms)}
+
+
+def _timed(fn: Callable[[int], Any], n: int, warmup: int) -> dict[str, float]:
+    for i in range(warmup):
+        fn(-1 - i)
+    samples = []
+    t_all = time.perf_counter()
+    for i in range(n):
+        t0 = time.perf_counter()
+        fn(i)
+        samples.append((time.perf_counter() - t0) * 1000)
+    return _summary(samples, time.perf_counter() - t_all)
+
+
+def _images(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
+    """Photo-like images: smooth random colour fields with a little noise (pure noise would make
+    every PNG/JPEG incompressible and inflate decode and transfer costs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    out = []
+    for _ in range(count):
+        coarse = rng.integers(0, 256, (max(h // 32, 2), max(w // 32, 2), 3), dtype=np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.int16)
+        out.append(np.clip(smooth + rng.integers(-8, 9, (h, w, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+def _encoded_b64(image: np.ndarray, fmt: str) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _box(size: tuple[int, int]) -> list[float]:
+    h, w = size
+    return [w * 0.25, h * 0.25, w * 0.75, h * 0.75]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import httpx
+    import torch
+
+    from adapters.predictor import Prompts, SamPredictorCore
+    from adapters.zoo import resolve_model
+    from service.config import ServeConfig
+    from service.launch import ServerProcess
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    model = resolve_model(args.model, args.checkpoint)
+    size = args.image_size
+    n, warm, conc = args.requests, args.warmup, args.concurrency
+    # Fresh images for every measured request of every phase: a repeated image would hit the cache.
+    # in-process, full, cached (1), one client, `conc` clients
+    pool = _images(3 * n + 2 * warm + 1 + conc * max(n // conc, 1), size, args.seed)
+    payloads = [_encoded_b64(im, args.format) for im in pool]
+    box = _box(size)
+    cursor = iter(range(len(pool)))
+
+    predictor = SamPredictorCore(model.sam, args.device)
+    prompts = Prompts(boxes=np.asarray([box], np.float32))
+    inproc_images = [pool[next(cursor)] for _ in range(n + warm)]
+    print(f"in-process: {n} requests on {model.name} ({threads} torch threads)", file=sys.stderr)
+    inproc = _timed(lambda i: predictor.predict(inproc_images[i], prompts), n, warm)
+
+    config = ServeConfig(model=str(pathlib.Path(args.model).resolve()) if pathlib.Path(args.model).is_file()
+                         else args.model, checkpoint=args.checkpoint, registry=args.registry, runtime=args.runtime,
+                         device=args.device, threads=threads, workers=args.workers, cache_mb=args.cache_mb,
+                         grpc_port=None, poll_seconds=0)
+    server = None
+    if args.url:
+        url = args.url.rstrip("/")
+    else:
+        print(f"starting the server ({args.workers} front worker(s), runtime {args.runtime})", file=sys.stderr)
+        server = ServerProcess(config).start(timeout=args.start_timeout)
+        url = server.url
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            def segment(body: dict[str, Any]) -> dict[str, Any]:
+                r = client.post("/segment", json=body)
+                if r.status_code != 200:
+                    raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+                return r.json()
+
+            full_ids = [next(cursor) for _ in range(n + warm)]
+            print(f"service, full requests: {n}", file=sys.stderr)
+            full = _timed(lambda i: segment({"image": payloads[full_ids[i]], "boxes": [box]}), n, warm)
+
+            image_id = segment({"image": payloads[next(cursor)], "boxes": [box]})["image_id"]
+            rng = np.random.default_rng(args.seed + 1)
+            boxes = [[float(v) for v in sorted(rng.uniform(0, size[1], 2))] for _ in range(n + warm)]
+            print(f"service, cached prompt-only requests: {n}", file=sys.stderr)
+            cached = _timed(lambda i: segment({"image_id": image_id,
+                                               "boxes": [[boxes[i][0], box[1], boxes[i][1], box[3]]]}), n, warm)
+
+            def throughput(clients: int) -> dict[str, float]:
+                per_client = max(n // clients, 1) if clients > 1 else n
+                ids = [[next(cursor) for _ in range(per_client)] for _ in range(clients)]
+                latencies: list[float] = []
+
+                def worker(k: int) -> list[float]:
+                    out = []
+                    with httpx.Client(base_url=url, timeout=300) as c:
+                        for idx in ids[k]:
+                            t0 = time.perf_counter()
+                            r = c.post("/segment", json={"image": payloads[idx], "boxes": [box]})
+                            if r.status_code != 200:
+                                raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+                            out.append((time.perf_counter() - t0) * 1000)
+                    return out
+
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(clients) as ex:
+                    for lat in ex.map(worker, range(clients)):
+                        latencies.extend(lat)
+                return {**_summary(latencies, time.perf_counter() - t0), "clients": clients}
+
+            print(f"service, throughput with 1 and {conc} clients", file=sys.stderr)
+            one = throughput(1)
+            many = throughput(conc)
+            metrics = client.get("/metrics").text
+    finally:
+        if server is not None:
+            server.cleanup()
+    batch_sum = batch_count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("wesam_batch_size_sum"):
+            batch_sum = float(line.split()[-1])
+        elif line.startswith("wesam_batch_size_count"):
+            batch_count = float(line.split()[-1])
+    return {
+        "model": model.name, "model_sha256": model.sha256, "img_size": model.config.img_size,
+        "image_size": list(size), "image_format": args.format, "threads": threads, "device": args.device,
+        "runtime": args.runtime,
+        "front_workers": args.workers, "requests": n, "warmup": warm,
+        "in_process": inproc, "service_full": full, "service_cached": cached,
+        "overhead_ratio": full["p50_ms"] / inproc["p50_ms"],
+        "cached_speedup": full["p50_ms"] / cached["p50_ms"],
+        "throughput_1_client": one, f"throughput_{conc}_clients": many,
+        "concurrency_speedup": many["throughput_rps"] / one["throughput_rps"],
+        "mean_runtime_batch": batch_sum / batch_count if batch_count else None,
+        "torch_version": torch.__version__,
+    }
+
+
+def markdown(result: dict[str, Any], concurrency: int) -> str:
+    from bench.results import machine
+
+    many = result[f"throughput_{concurrency}_clients"]
+    rows = [
+        ("in-process `SamPredictorCore.predict` (new image, 1 box)", result["in_process"]),
+        ("service `/segment`, new image, 1 box", result["service_full"]),
+        ("service `/segment`, cached `image_id`, 1 box", result["service_cached"]),
+        ("service, 1 client, new images", result["throughput_1_client"]),
+        (f"service, {concurrency} clients, new images", many),
+    ]
+    lines = [
+        f"### Serving ({result['model']}, {result['image_size'][0]}x{result['image_size'][1]} "
+        f"{result['image_format'].upper()} images, "
+        f"{result['runtime']} runtime)",
+        "",
+        f"`wesam bench serve` on {machine()}; {result['threads']} torch thread(s) on both sides, "
+        f"{result['front_workers']} front worker(s), {result['requests']} requests per row.",
+        "",
+        "| what | p50 ms | p95 ms | req/s |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['throughput_rps']:.1f} |" for name, r in rows]
+    batch = result["mean_runtime_batch"]
+    lines += [
+        "",
+        f"Service overhead (p50 service / p50 in-process): x{result['overhead_ratio']:.2f}. "
+        f"Cached prompt-only speed-up (p50 full / p50 cached): x{result['cached_speedup']:.2f}. "
+        f"Throughput {concurrency} clients / 1 client: x{result['concurrency_speedup']:.2f}"
+        + (f" (mean adaptive batch {batch:.2f} requests)." if batch else "."),
+    ]
+    return "\n".join(lines)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError("--image-size takes HxW, e.g. 480x640") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError("--image-size must be positive")
+    return h, w
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="wesam bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="sam-mini", help="zoo name or weights file (default sam-mini)")
+    p.add_argument("--checkpoint", help="weights for an official model (vit_b/l/h)")
+    p.add_argument("--registry", help="adapter registry for the server (not needed: requests use the base model)")
+    p.add_argument("--runtime", default="torch", choices=["torch", "onnx"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--requests", type=int, default=30, help="measured requests per row (default 30)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=8, help="concurrent clients for the throughput row")
+    p.add_argument("--image-size", type=_size, default=(480, 640), help="HxW of the generated images")
+    p.add_argument("--format", default="jpeg", choices=["jpeg", "png"], help="how images are sent (jpeg, q90)")
+    p.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's)")
+    p.add_argument("--workers", type=int, default=1, help="HTTP front workers")
+    p.add_argument("--cache-mb", type=float, default=512.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", help="benchmark this running server (of --model) instead of starting one")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-results", action="store_true", help="do not update bench/RESULTS.md")
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.warmup < 0 or args.concurrency < 2:
+        p.error("--requests must be >= 1, --warmup >= 0, --concurrency >= 2")
+
+    from adapters.zoo import ModelLoadError
+
+    try:
+        result = run(args)
+    except (ModelLoadError, RuntimeError, TimeoutError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    md = markdown(result, args.concurrency)
+    print(md)
+    if args.json:
+        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if not args.no_results:
+        from bench.results import write_section
+
+        write_section("serve", md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Adapter administration over HTTP: list, reload, activate (roll forward or back).
+
+A FastAPI app mounted into the BentoML service (BentoML only routes POST to ``@bentoml.api``
+methods and has no path parameters; mounted FastAPI routes also appear in its OpenAPI document).
+Changing state needs ``Authorization: Bearer <WESAM_SERVE_ADMIN_TOKEN>``: no token configured
+means the write endpoints are disabled (403), a missing token is 401, a wrong one 403.
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at runtime.
+import hmac
+import re
+from typing import Any, Callable
+
+from pydantic import BaseModel, Field
+
+from .errors import BadRequest, Forbidden, ServiceError, Unauthorized
+
+
+class ActivateBody(BaseModel):
+    version: int | str = Field(description="vN or N", examples=["v2"])
+
+
+def check_admin(authorization: str | None, token: str | None) -> None:
+    if not token:
+        raise Forbidden("the admin API is disabled: start the server with WESAM_SERVE_ADMIN_TOKEN set")
+    if not authorization:
+        raise Unauthorized("admin token required: send 'Authorization: Bearer <token>'")
+    scheme, _, given = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        raise Unauthorized("malformed Authorization header: expected 'Bearer <token>'")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise Forbidden("wrong admin token")
+
+
+def parse_version(value: Any) -> int:
+    """``2``, ``"2"`` or ``"v2"`` -> 2."""
+    if isinstance(value, bool):
+        raise BadRequest("version must be vN or a positive integer")
+    if isinstance(value, int):
+        version = value
+    elif isinstance(value, str) and re.fullmatch(r"v?\d+", value.strip()):
+        version = int(value.strip().lstrip("v"))
+    else:
+        raise BadRequest(f"version must be vN or a positive integer, got {value!r}")
+    if version < 1:
+        raise BadRequest("version must be >= 1")
+    return version
+
+
+def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any = None):
+    """``runtime()`` returns the model runtime (async ``status``, ``reload``, ``activate``)."""
+    from fastapi import FastAPI, Header
+    from fastapi.responses import JSONResponse
+
+    from wesam import __version__
+
+    app = FastAPI(title="wesam adapters", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
+
+    def error(e: ServiceError) -> Any:
+        if metrics is not None:
+            metrics.error(e.kind, "admin")
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.to_json(), status_code=e.status, headers=headers)
+
+    async def call(name: str, *args: Any) -> Any:
+        try:
+            return await getattr(runtime(), name)(*args)
+        except ServiceError:
+            raise
+        except Exception as e:
+            raise ServiceError(f"model runtime unavailable ({type(e).__name__})", status=503,
+                               kind="overloaded") from None
+
+    @app.get("/adapters", response_model=None, tags=["adapters"],
+             summary="Served model, domains, active and loaded adapter versions, cache state")
+    async def list_adapters():
+        try:
+            return JSONResponse(await call("status"))
+        except ServiceError as e:
+            return error(e)
+
+    @app.post("/adapters/reload", response_model=None, tags=["adapters"],
+              summary="Re-read the registry now and load what changed (admin token; refused versions are retried)")
+    async def reload(authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return JSONResponse(await call("reload", True))
+        except ServiceError as e:
+            return error(e)
+
+    @app.post("/adapters/{domain}/activate", response_model=None, tags=["adapters"],
+              summary="Make a version the active one for a domain (roll forward or back; admin token). "
+                      "The version is loaded first; a version that fails to load is refused (409).")
+    async def activate(domain: str, body: ActivateBody,
+                       authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            out = await call("activate", domain, parse_version(body.version))
+            if "error" in out:
+                raise ServiceError.from_json(out)
+            return JSONResponse(out)
+        except ServiceError as e:
+            return error(e)
+
+    return app

@@ -1,0 +1,325 @@
+"""The segmentation pipeline behind every endpoint: route, embed (cached, batched), decode.
+
+One ``SegmentEngine`` lives in the model-runtime process. BentoML's adaptive batcher hands it a
+list of requests; it groups them by adapter so each encoder call runs one adapter over a
+homogeneous sub-batch, reuses cached embeddings, and decodes every request's prompts. The gRPC
+endpoint calls the same engine. No request can fail another: each result carries its own error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from typing import Any, Iterable
+
+import numpy as np
+
+from adapters.predictor import ImageEmbedding, Prompts
+
+from . import codec
+from .cache import CacheEntry, EmbeddingCache
+from .config import ServeConfig
+from .errors import BadRequest, Internal, InvalidPrompt, PayloadTooLarge, ServiceError, UnknownImageId
+from .messages import InferItem, InferResult
+from .router import AdapterRouter, Route, activate_checked
+
+log = logging.getLogger("wesam.service")
+
+# Part of every cache key: bump it when preprocessing changes so old embeddings are never reused.
+PREPROCESSING = "resize-longest-side(PIL bilinear)/normalize(ImageNet mean,std)/pad-bottom-right/v1"
+
+
+def embedding_key(content_hash: str, model_id: str, route_key: str, runtime: str, img_size: int) -> str:
+    """The cache key, also handed out as ``image_id``: image pixels x base model x adapter version x
+    preprocessing x runtime (ONNX and PyTorch embeddings differ in the last bits)."""
+    text = "|".join((content_hash, model_id, route_key, runtime, str(img_size), PREPROCESSING))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class SegmentEngine:
+    def __init__(self, model: Any, runtime: Any, config: ServeConfig, metrics: Any = None) -> None:
+        self.model = model
+        self.runtime = runtime
+        self.config = config
+        self.metrics = metrics
+        self.cache = EmbeddingCache(config.cache_bytes, on_event=self._cache_event)
+        self.router = AdapterRouter(config.registry, runtime.load_adapter, self._unload,
+                                    fallback=config.fallback_domain, merged_domains=config.merged_domains,
+                                    on_event=self._adapter_event)
+        self.mask_threshold = float(getattr(model.sam, "mask_threshold", 0.0))
+        # Encoder calls switch the active LoRA adapter on the shared model and loading an adapter
+        # rewires its layers: both happen under this lock. Decoding needs no lock (adapters only
+        # touch the image encoder).
+        self.lock = threading.RLock()
+        self.ready = False
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, config: ServeConfig, metrics: Any = None) -> "SegmentEngine":
+        """Load the base model, the runtime and every active adapter (the slow part of startup)."""
+        import torch
+
+        from adapters.zoo import resolve_model
+
+        from .runtime import make_runtime
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        model = resolve_model(config.model, config.checkpoint)
+        runtime = make_runtime(model, config.runtime, device=config.device, onnx_cache=config.onnx_cache,
+                               threads=config.threads)
+        engine = cls(model, runtime, config, metrics)
+        report = engine.refresh()
+        log.info("model %s on %s; adapters loaded: %s; refused: %s", model.model_id, runtime.describe(),
+                 report["loaded"] or "none", report["failed"] or "none")
+        engine.ready = True
+        return engine
+
+    # -- events -> metrics -----------------------------------------------------------------------
+    def _cache_event(self, name: str, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_event(name, count, self.cache)
+
+    def _adapter_event(self, event: str, domain: str, version: int, ref: str) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_event(event, domain, version, ref)
+
+    def _unload(self, handle: Any) -> None:
+        self.runtime.unload_adapter(handle)
+        # A rolled-back version must stop serving, also to clients holding its image_ids.
+        self.cache.drop_adapter(handle.ref)
+
+    # -- adapters --------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> dict[str, Any]:
+        with self.lock:
+            return self.router.refresh(force)
+
+    def activate(self, domain: str, version: int) -> dict[str, Any]:
+        with self.lock:
+            return activate_checked(self.router, domain, version)
+
+    def served_domains(self) -> set[str]:
+        return set(self.router.slots)
+
+    def start_watcher(self) -> None:
+        """Poll the registry every ``poll_seconds`` and reload when it changed (0: never)."""
+        if self.config.poll_seconds <= 0 or self._watcher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.config.poll_seconds):
+                try:
+                    if self.router.changed():
+                        report = self.refresh()
+                        if report.get("loaded") or report.get("failed") or report.get("unloaded"):
+                            log.info("registry changed: %s", report)
+                except Exception:  # the watcher must outlive a bad poll (e.g. a registry on a flaky mount)
+                    log.exception("registry poll failed")
+
+        self._watcher = threading.Thread(target=loop, name="wesam-registry-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop_watcher(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "ready": self.ready,
+            "model": {"name": self.model.name, "id": self.model.model_id, "sha256": self.model.sha256,
+                      "img_size": self.runtime.img_size},
+            "runtime": self.runtime.describe(),
+            "registry": str(self.router.registry.root) if self.router.registry else None,
+            "fallback_domain": self.config.fallback_domain,
+            "domains": self.router.status(),
+            "cache": {"bytes": self.cache.nbytes, "max_bytes": self.cache.max_bytes, "entries": len(self.cache),
+                      "hits": self.cache.stats.hits, "misses": self.cache.stats.misses,
+                      "evictions": self.cache.stats.evictions},
+            "last_refresh": self.router.last_refresh,
+        }
+
+    # -- inference -------------------------------------------------------------------------------
+    def infer(self, items: list[InferItem], batch: bool = False) -> list[InferResult]:
+        """Serve a batch: embeddings (cache or encoder, grouped by adapter), then each item's prompts.
+
+        ``batch``: the items are one adaptive batch (recorded in the batch metrics).
+        """
+        if self.metrics is not None and items and batch:
+            self.metrics.batch_size.observe(len(items))
+        results: list[InferResult | None] = [None] * len(items)
+        entries: dict[int, CacheEntry] = {}
+
+        def found(i: int, key: str, entry: CacheEntry) -> None:
+            entries[i] = entry
+            results[i] = InferResult(image_id=key, adapter=entry.adapter, domain=entry.domain, cached=True,
+                                     image_size=entry.embedding.original_size)
+
+        with_image = [i for i, item in enumerate(items) if item.image is not None]
+        # Prompt-only requests need no model lock: they never wait for an encoder batch.
+        for i, item in enumerate(items):
+            if item.image is None:
+                try:
+                    key, entry = self._lookup_id(item)
+                    found(i, key, entry)
+                except ServiceError as e:
+                    results[i] = InferResult(error=e.to_json())
+        if with_image:
+            with self.lock:  # routes stay valid until the encoder ran: no adapter is swapped meanwhile
+                pending: dict[str, dict[str, list[int]]] = {}  # route key -> embedding key -> item indices
+                route_of: dict[str, Route] = {}
+                for i in with_image:
+                    try:
+                        route, key, entry = self._lookup_image(items[i])
+                    except ServiceError as e:
+                        results[i] = InferResult(error=e.to_json())
+                        continue
+                    if entry is not None:
+                        found(i, key, entry)
+                    else:
+                        pending.setdefault(route.key, {}).setdefault(key, []).append(i)
+                        route_of[route.key] = route
+                if self.metrics is not None and batch:
+                    self.metrics.batch_adapters.observe(len(route_of))
+                for route_key, by_key in pending.items():
+                    self._encode_group(items, route_of[route_key], by_key, entries, results)
+        for i, item in enumerate(items):
+            res = results[i]
+            if res is None or res.error is not None or item.prompts is None:
+                continue
+            try:
+                self._decode(item, entries[i], res)
+            except ServiceError as e:
+                results[i] = InferResult(error=e.to_json())
+            except Exception as e:  # a runtime failure on one request must not take the batch down
+                log.exception("decoder failed")
+                results[i] = InferResult(error=Internal(f"decoder failed: {type(e).__name__}").to_json())
+        return [r if r is not None else InferResult(error=Internal("no result").to_json()) for r in results]
+
+    def _lookup_image(self, item: InferItem) -> tuple[Route, str, CacheEntry | None]:
+        image = codec.check_pixels(np.asarray(item.image), max_pixels=self.config.max_image_pixels)
+        item.image = image
+        route = self.router.resolve(item.domain)
+        content = item.content_hash or codec.content_hash(image)
+        key = embedding_key(content, self.model.model_id, route.key, self.runtime.kind, self.runtime.img_size)
+        return route, key, self.cache.get(key)
+
+    def _lookup_id(self, item: InferItem) -> tuple[str, CacheEntry]:
+        if not item.image_id:
+            raise BadRequest("give an image or an image_id")
+        entry = self.cache.get(item.image_id)
+        if entry is None:
+            raise UnknownImageId(f"unknown image_id {item.image_id!r}: never embedded here, evicted from the "
+                                 "cache, or its adapter version was replaced; send the image again")
+        if item.domain not in (None, ""):
+            route = self.router.resolve(item.domain)
+            if route.domain != entry.domain:
+                raise ServiceError(f"image_id {item.image_id!r} was embedded for "
+                                   f"{entry.domain or 'the base model'} ({entry.adapter}), not "
+                                   f"{route.domain or 'the base model'}; omit `domain` or send the image",
+                                   status=409, kind="domain_mismatch")
+        return item.image_id, entry
+
+    def _encode_group(self, items: list[InferItem], route: Route, by_key: dict[str, list[int]],
+                      entries: dict[int, CacheEntry], results: list[InferResult | None]) -> None:
+        keys = list(by_key)
+        step = max(self.config.max_batch_size, 1)
+        for start in range(0, len(keys), step):
+            chunk = keys[start: start + step]
+            images = [items[by_key[k][0]].image for k in chunk]
+            t0 = time.perf_counter()
+            try:
+                embs = self.runtime.encode(images, route.handle)
+            except Exception as e:
+                log.exception("encoder failed for %s", route.adapter)
+                for k in chunk:
+                    for i in by_key[k]:
+                        results[i] = InferResult(error=Internal(f"encoder failed: {type(e).__name__}").to_json())
+                continue
+            dt = time.perf_counter() - t0
+            if self.metrics is not None:
+                self.metrics.encoder.labels(route.adapter).observe(dt)
+                self.metrics.encoder_batch.observe(len(chunk))
+            for k, emb in zip(chunk, embs):
+                entry = CacheEntry(emb, route.adapter, route.domain)
+                self.cache.put(k, entry)
+                for i in by_key[k]:
+                    entries[i] = entry
+                    results[i] = InferResult(image_id=k, adapter=route.adapter, domain=route.domain, cached=False,
+                                             image_size=emb.original_size,
+                                             timings_ms={"encoder": dt * 1000, "encoder_batch": float(len(chunk))})
+
+    def _decode(self, item: InferItem, entry: CacheEntry, res: InferResult) -> None:
+        prompts = self.build_prompts(item, entry.embedding)
+        t0 = time.perf_counter()
+        pred = self.runtime.decode(entry.embedding, prompts, item.multimask, item.return_logits)
+        dt = time.perf_counter() - t0
+        if self.metrics is not None:
+            self.metrics.decoder.labels(entry.adapter).observe(dt)
+        if item.return_logits:
+            res.logits = np.asarray(pred.masks, dtype=np.float32)
+            res.masks = res.logits > self.mask_threshold
+            res.low_res_logits = np.asarray(pred.low_res_logits, dtype=np.float32)
+        else:
+            res.masks = np.asarray(pred.masks, dtype=bool)
+        res.scores = np.asarray(pred.scores, dtype=np.float32)
+        res.timings_ms = {**res.timings_ms, "decoder": dt * 1000}
+
+    def build_prompts(self, item: InferItem, emb: ImageEmbedding) -> Prompts:
+        """Range checks against the image size, mask-prompt conversion, output-size budget."""
+        p = item.prompts
+        h, w = emb.original_size
+        n = p.count()
+        if n == 0:
+            raise InvalidPrompt("no prompt given")
+        if n > self.config.max_prompts:
+            raise InvalidPrompt(f"{n} prompts, over the limit of {self.config.max_prompts}")
+        m = 3 if item.multimask else 1
+        cost = n * m * h * w * (5 if item.return_logits else 1)
+        if cost > self.config.max_mask_pixels:
+            raise PayloadTooLarge(f"the answer would hold {n} prompts x {m} masks x {h}x{w} pixels"
+                                  f"{' with logits' if item.return_logits else ''}, over the limit of "
+                                  f"{self.config.max_mask_pixels}; send fewer prompts or a smaller image")
+        for name, arr in (("points", p.point_coords), ("boxes", p.boxes)):
+            if arr is None:
+                continue
+            xy = np.asarray(arr, dtype=np.float64).reshape(-1, 2)
+            if not np.isfinite(xy).all():
+                raise InvalidPrompt(f"{name} contain NaN or infinite values")
+            bad = (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
+            if bad.any():
+                x, y = xy[np.argmax(bad)]
+                raise InvalidPrompt(f"{name} coordinate ({x:g}, {y:g}) is outside the {w}x{h} image "
+                                    f"(x in [0, {w}], y in [0, {h}])")
+        if p.point_coords is not None and p.point_coords.shape[1] > self.config.max_points:
+            raise InvalidPrompt(f"{p.point_coords.shape[1]} points per prompt, over the limit of "
+                                f"{self.config.max_points}")
+        mask_inputs = None
+        if p.mask_binary is not None:
+            masks = np.asarray(p.mask_binary, dtype=bool)
+            if masks.shape[1:] != (h, w):
+                raise InvalidPrompt(f"mask_input is {masks.shape[2]}x{masks.shape[1]}, the image is {w}x{h}")
+            mask_inputs = self.runtime.transform.mask_to_prompt(masks, (h, w))
+        elif p.mask_logits is not None:
+            logits = np.asarray(p.mask_logits, dtype=np.float32)
+            low = self.runtime.low_res_size
+            if logits.shape[-2:] != (low, low):
+                raise InvalidPrompt(f"mask_input low_res_logits are {logits.shape[-1]}x{logits.shape[-2]}, this "
+                                    f"model takes {low}x{low}")
+            mask_inputs = logits.reshape(-1, 1, low, low)
+        try:
+            return Prompts(point_coords=p.point_coords, point_labels=p.point_labels, boxes=p.boxes,
+                           mask_inputs=mask_inputs)
+        except ValueError as e:
+            raise InvalidPrompt(str(e)) from None
+
+
+def first_error(results: Iterable[InferResult]) -> ServiceError | None:
+    for r in results:
+        if r.error is not None:
+            return ServiceError.from_json(r.error)
+    return None

@@ -1,0 +1,174 @@
+"""The HTTP front's work, free of BentoML: parse bodies, call the runtime, format answers.
+
+``Frontend`` takes the runtime as any object with ``async infer(list[InferItem])`` and
+``async decode(InferItem)`` (BentoML's dependency proxy in the server, an in-process engine in
+tests) and answers ``(status, json)``; the service class only moves bytes in and out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import anyio
+
+from . import codec
+from .config import ServeConfig
+from .errors import Internal, Overloaded, ServiceError
+from .messages import InferItem, InferResult
+from .metrics import domain_label
+from .requests import ParsedRequest, parse_embed, parse_segment
+
+log = logging.getLogger("wesam.service")
+
+
+class Frontend:
+    SERVED_TTL_S = 5.0
+    CONNECTION_RETRIES = 2
+
+    def __init__(self, config: ServeConfig, runtime: Any, metrics: Any = None) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.metrics = metrics
+        self._served: tuple[float, set[str]] = (0.0, set())
+
+    async def served_domains(self) -> set[str]:
+        """Domains the runtime serves (cached a few seconds): bounds the metrics' domain label."""
+        at, domains = self._served
+        if time.monotonic() - at > self.SERVED_TTL_S:
+            try:
+                status = await self.runtime.status()
+                domains = {d["domain"] for d in status.get("domains", []) if d.get("serving")}
+            except Exception:  # metrics labels must not fail a request
+                pass
+            self._served = (time.monotonic(), domains)
+        return domains
+
+    async def segment(self, fields: dict[str, Any] | ServiceError, form: bool = False) -> tuple[int, dict[str, Any]]:
+        return await self._handle("segment", fields, form)
+
+    async def embed(self, fields: dict[str, Any] | ServiceError, form: bool = False) -> tuple[int, dict[str, Any]]:
+        return await self._handle("embed", fields, form)
+
+    async def _handle(self, endpoint: str, fields: dict[str, Any] | ServiceError,
+                      form: bool) -> tuple[int, dict[str, Any]]:
+        t0 = time.perf_counter()
+        domain: str | None = None
+        adapter = "none"
+        try:
+            if isinstance(fields, ServiceError):
+                raise fields
+            raw_domain = fields.get("domain")
+            domain = raw_domain if isinstance(raw_domain, str) else None
+            parse = parse_segment if endpoint == "segment" else parse_embed
+            # Image decoding is CPU work: keep it off the event loop.
+            parsed: ParsedRequest = await anyio.to_thread.run_sync(lambda: parse(fields, self.config, form=form))
+            t_parsed = time.perf_counter()
+            result = await self._call_runtime(parsed.item)
+            t_runtime = time.perf_counter()
+            if result.error is not None:
+                raise ServiceError.from_json(result.error)
+            adapter = result.adapter or "base"
+            if endpoint == "segment":
+                body = await anyio.to_thread.run_sync(lambda: self.format_segment(parsed, result))
+            else:
+                body = self.format_embed(result)
+            t_end = time.perf_counter()
+            body["timings_ms"] = {
+                **({"decode_image": parsed.decode_ms} if parsed.decode_ms else {}),
+                "parse": (t_parsed - t0) * 1000,
+                **result.timings_ms,
+                "runtime": (t_runtime - t_parsed) * 1000,
+                **({"encode_masks": (t_end - t_runtime) * 1000} if endpoint == "segment" else {}),
+                "total": (t_end - t0) * 1000,
+            }
+            status = 200
+        except ServiceError as e:
+            status, body = e.status, e.to_json()
+            if self.metrics is not None:
+                self.metrics.error(e.kind, endpoint)
+        except Exception as e:  # never a bare 500 page: a JSON error naming the failure
+            log.exception("%s failed", endpoint)
+            err = Internal(f"internal error: {type(e).__name__}")
+            status, body = err.status, err.to_json()
+            if self.metrics is not None:
+                self.metrics.error(err.kind, endpoint)
+        if self.metrics is not None:
+            if status == 200:
+                label = domain_label(body.get("domain"))
+            else:
+                label = domain_label(domain, await self.served_domains())
+            self.metrics.request(endpoint, label, adapter, status, time.perf_counter() - t0)
+        return status, body
+
+    async def _call_runtime(self, item: InferItem) -> InferResult:
+        attempt = 0
+        while True:
+            try:
+                if item.image is None:  # prompt-only: straight to the decoder, never queued behind encodes
+                    return await self.runtime.decode(item)
+                return (await self.runtime.infer([item]))[0]
+            except ServiceError:
+                raise
+            except Exception as e:
+                # BentoML's client raises with the runtime's HTTP status; a connection-level failure
+                # has none. Those are retried: the client's keep-alive pool can hand out a connection
+                # the runtime's server has just closed, and both runtime calls are idempotent.
+                code = getattr(e, "error_code", None)
+                code = int(code) if code is not None else None
+                if code is None and attempt < self.CONNECTION_RETRIES:
+                    attempt += 1
+                    log.warning("runtime call failed (%s: %s), retrying", type(e).__name__, e)
+                    continue
+                log.warning("runtime call failed: %s: %s", type(e).__name__, e)
+                # The batcher sheds load with 503 when max_latency_ms cannot be met, a slow runtime
+                # times out: the client should retry. Anything else is a server bug.
+                if code is None or code in (429, 503, 504):
+                    raise Overloaded(f"model runtime unavailable or overloaded ({type(e).__name__}); "
+                                     "retry later") from None
+                raise Internal(f"model runtime failed ({code}); see the server log") from None
+
+    def format_segment(self, parsed: ParsedRequest, result: InferResult) -> dict[str, Any]:
+        masks = []
+        n, m = result.masks.shape[:2]
+        for i in range(n):
+            for j in range(m):
+                out: dict[str, Any] = {"prompt": i, "score": float(result.scores[i, j])}
+                out.update(codec.encode_mask(result.masks[i, j], parsed.output))
+                if result.logits is not None:
+                    out["logits"] = codec.npy_b64(result.logits[i, j])
+                    out["low_res_logits"] = codec.npy_b64(result.low_res_logits[i, j])
+                masks.append(out)
+        return {"masks": masks, "adapter": result.adapter, "domain": result.domain, "image_id": result.image_id,
+                "image_size": list(result.image_size), "cached": result.cached}
+
+    @staticmethod
+    def format_embed(result: InferResult) -> dict[str, Any]:
+        return {"image_id": result.image_id, "adapter": result.adapter, "domain": result.domain,
+                "image_size": list(result.image_size), "cached": result.cached}
+
+
+class LocalRuntime:
+    """The runtime protocol over an in-process ``SegmentEngine`` (tests, scripts, notebooks)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def infer(self, items: list[InferItem]) -> list[InferResult]:
+        return await anyio.to_thread.run_sync(lambda: self.engine.infer(items, batch=True))
+
+    async def decode(self, item: InferItem) -> InferResult:
+        return (await anyio.to_thread.run_sync(lambda: self.engine.infer([item])))[0]
+
+    async def status(self) -> dict[str, Any]:
+        return self.engine.status()
+
+    async def reload(self, force: bool = True) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(lambda: self.engine.refresh(force=force))
+
+    async def activate(self, domain: str, version: int) -> dict[str, Any]:
+        try:
+            return await anyio.to_thread.run_sync(lambda: self.engine.activate(domain, version))
+        except ServiceError as e:
+            return e.to_json()

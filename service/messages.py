@@ -1,0 +1,66 @@
+"""What the HTTP front sends to the model runtime and gets back (pickled between the processes).
+
+Plain pydantic models holding numpy arrays; the engine takes and returns them directly, so the
+gRPC endpoint and tests use the same types without a server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class PromptArrays(BaseModel):
+    """Prompts for one image, validated for shape (not yet for range: the image size may be unknown).
+
+    point_coords (N, K, 2) float32, point_labels (N, K) int32, boxes (N, 4) float32,
+    mask_binary (N, H, W) bool at the original size, mask_logits (N, 1, L, L) float32.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    point_coords: Any = None
+    point_labels: Any = None
+    boxes: Any = None
+    mask_binary: Any = None
+    mask_logits: Any = None
+
+    def count(self) -> int:
+        for x in (self.point_coords, self.boxes, self.mask_binary, self.mask_logits):
+            if x is not None:
+                return len(x)
+        return 0
+
+
+class InferItem(BaseModel):
+    """One request to the runtime: an image (or the id of a cached embedding) and optional prompts.
+
+    Without prompts only the embedding is made (``/embed``).
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    image: Any = None  # (H, W, 3) uint8
+    content_hash: str | None = None
+    image_id: str | None = None
+    domain: str | None = None
+    prompts: PromptArrays | None = None
+    multimask: bool = False
+    return_logits: bool = False
+
+
+class InferResult(BaseModel):
+    """The runtime's answer; ``error`` (a ``ServiceError.to_json()``) instead of raising, so one bad
+    item never fails the other requests of its batch."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    image_id: str | None = None
+    adapter: str | None = None
+    domain: str | None = None
+    cached: bool = False
+    image_size: tuple[int, int] | None = None
+    masks: Any = None  # (N, M, H, W) bool
+    scores: Any = None  # (N, M) float32
+    logits: Any = None  # (N, M, H, W) float32, with return_logits
+    low_res_logits: Any = None  # (N, M, L, L) float32, with return_logits
+    timings_ms: dict[str, float] = {}
+    error: dict[str, Any] | None = None

@@ -1,0 +1,96 @@
+"""wesam's Prometheus metrics (BentoML's own ``bentoml_service_*`` metrics are kept as they are).
+
+Created on first use, in the process that records them: BentoML starts every worker with
+``PROMETHEUS_MULTIPROC_DIR`` set, and ``prometheus_client`` picks multiprocess mode at import
+time from that variable. Counters and histograms from all workers (HTTP front and model runtime
+alike) land in that directory and ``/metrics`` sums them. Gauges say how to combine processes.
+
+Label values are bounded: ``domain`` is a served domain, ``base`` or ``unknown`` (never the raw
+request value) and ``adapter`` is ``base`` or ``domain@vN``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+_lock = threading.Lock()
+_metrics: "Metrics | None" = None
+
+
+class Metrics:
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.requests = Counter("wesam_requests", "Requests by endpoint, domain, adapter and HTTP status",
+                                ["endpoint", "domain", "adapter", "status"])
+        self.latency = Histogram("wesam_request_latency_seconds", "End-to-end request latency in the front",
+                                 ["endpoint", "domain", "adapter"], buckets=LATENCY_BUCKETS)
+        self.errors = Counter("wesam_errors", "Requests answered with an error, by kind", ["kind", "endpoint"])
+        self.encoder = Histogram("wesam_encoder_seconds", "Image-encoder time per encoder call (one adapter)",
+                                 ["adapter"], buckets=LATENCY_BUCKETS)
+        self.decoder = Histogram("wesam_decoder_seconds", "Prompt/mask-decoder time per image", ["adapter"],
+                                 buckets=LATENCY_BUCKETS)
+        self.batch_size = Histogram("wesam_batch_size", "Requests per adaptive batch of the runtime",
+                                    buckets=BATCH_BUCKETS)
+        self.encoder_batch = Histogram("wesam_encoder_batch_images", "Images per encoder call (per adapter group)",
+                                       buckets=BATCH_BUCKETS)
+        self.batch_adapters = Histogram("wesam_batch_adapters", "Distinct adapters in one adaptive batch",
+                                        buckets=BATCH_BUCKETS)
+        self.cache_hits = Counter("wesam_cache_hits", "Embedding-cache hits")
+        self.cache_misses = Counter("wesam_cache_misses", "Embedding-cache misses")
+        self.cache_evictions = Counter("wesam_cache_evictions", "Embeddings evicted to stay under the byte bound")
+        self.cache_bytes = Gauge("wesam_cache_bytes", "Bytes of embeddings held", multiprocess_mode="livesum")
+        self.cache_entries = Gauge("wesam_cache_entries", "Embeddings held", multiprocess_mode="livesum")
+        self.adapter_loads = Counter("wesam_adapter_loads", "Adapter versions loaded", ["domain", "version"])
+        self.adapter_failures = Counter("wesam_adapter_load_failures", "Adapter versions refused",
+                                        ["domain", "version"])
+        self.adapter_active = Gauge("wesam_adapter_active_version", "Version served per domain (0: none)",
+                                    ["domain"], multiprocess_mode="livemax")
+
+    def request(self, endpoint: str, domain: str, adapter: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, domain, adapter, str(status)).inc()
+        self.latency.labels(endpoint, domain, adapter).observe(seconds)
+
+    def error(self, kind: str, endpoint: str) -> None:
+        self.errors.labels(kind, endpoint).inc()
+
+    def adapter_event(self, event: str, domain: str, version: int, ref: str) -> None:
+        if event == "loaded":
+            self.adapter_loads.labels(domain, str(version)).inc()
+            self.adapter_active.labels(domain).set(version)
+        elif event == "failed":
+            self.adapter_failures.labels(domain, str(version)).inc()
+        elif event == "removed":  # the domain left the registry ("unloaded" versions are replaced)
+            self.adapter_active.labels(domain).set(0)
+
+    def cache_event(self, name: str, count: int, cache: Any) -> None:
+        if name == "hit":
+            self.cache_hits.inc(count)
+        elif name == "miss":
+            self.cache_misses.inc(count)
+        elif name == "evict":
+            self.cache_evictions.inc(count)
+        self.cache_bytes.set(cache.nbytes)
+        self.cache_entries.set(len(cache))
+
+
+def get_metrics() -> Metrics:
+    """The process's metrics (registered once: prometheus_client refuses duplicate names)."""
+    global _metrics
+    with _lock:
+        if _metrics is None:
+            _metrics = Metrics()
+        return _metrics
+
+
+def domain_label(domain: str | None, served: set[str] | None = None) -> str:
+    """A bounded label value for a request's domain."""
+    if domain is None or domain == "" or domain == "base":
+        return "base"
+    if served is not None and domain not in served:
+        return "unknown"
+    return domain

@@ -1,0 +1,185 @@
+"""Model runtimes: run the image encoder (per adapter) and the shared prompt/mask decoder.
+
+``TorchRuntime`` keeps one resident base model; LoRA adapters are attached to it unmerged and
+switched per encoder call (``use_adapter``), or, for domains configured as hot, run from a merged
+copy (``export.merged.plain_sam``: zero LoRA overhead, one model copy each). ``OnnxRuntime`` runs
+ONNX Runtime sessions: one merged encoder graph per adapter version (exported on first use into a
+cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph.
+
+LoRA adapts only the image encoder, so every domain shares the decoder. Runtimes are not
+thread-safe for loading and encoding; the engine serialises those calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from adapters.artifact import AdapterArtifact, attach_adapter
+from adapters.lora import delete_adapter, use_adapter
+from adapters.predictor import ImageEmbedding, Prediction, Prompts, SamPredictorCore
+from adapters.zoo import LoadedModel
+
+log = logging.getLogger("wesam.service")
+
+
+@dataclass
+class AdapterHandle:
+    """A loaded adapter version, as a runtime knows it."""
+
+    ref: str  # domain@vN
+    name: str | None = None  # LoRA adapter name on the resident model (unmerged)
+    merged: bool = False
+    state: dict[str, Any] = field(default_factory=dict)  # runtime-specific (merged predictor, session)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class TorchRuntime:
+    kind = "torch"
+
+    def __init__(self, model: LoadedModel, device: str = "auto") -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        self.predictor = SamPredictorCore(model.sam, self.device)
+        self.img_size = self.predictor.img_size
+        self.low_res_size = int(model.sam.prompt_encoder.mask_input_size[0])
+        self.transform = self.predictor.transform
+
+    def load_adapter(self, art: AdapterArtifact, merged: bool = False) -> AdapterHandle:
+        """Verify (hashes, base model) and load; raises ``AdapterError`` for a bad artifact."""
+        if merged:
+            from export.merged import plain_sam
+
+            sam = plain_sam(self.model, art)  # verifies, merges, copies out, restores the base
+            return AdapterHandle(art.ref, merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
+        name = attach_adapter(self.model, art)
+        return AdapterHandle(art.ref, name=name)
+
+    def unload_adapter(self, handle: AdapterHandle) -> None:
+        if handle.name is not None:
+            delete_adapter(self.model.sam, handle.name)
+        handle.state.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def encode(self, images: Sequence[np.ndarray], handle: AdapterHandle | None) -> list[ImageEmbedding]:
+        if handle is not None and handle.merged:
+            return handle.state["predictor"].encode_batch(images)
+        with use_adapter(self.model.sam, handle.name if handle is not None else None):
+            return self.predictor.encode_batch(images)
+
+    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction:
+        return self.predictor.decode(emb, prompts, multimask=multimask, return_logits=return_logits)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.kind, "device": self.device}
+
+
+class OnnxRuntime:
+    """ONNX Runtime over graphs exported from the resident model (``export.onnx_graphs``)."""
+
+    kind = "onnx"
+
+    def __init__(self, model: LoadedModel, cache_dir: str | os.PathLike | None = None, *,
+                 providers: Sequence[str] | None = None, threads: int | None = None, simplify: bool = True) -> None:
+        from export.runtime import DEFAULT_PROVIDERS, OnnxSamPredictor
+
+        self.model = model
+        self.providers = tuple(providers or DEFAULT_PROVIDERS)
+        self.threads = threads
+        self.simplify = simplify
+        root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "wesam-onnx-cache"
+        self.cache_dir = root / f"{model.name}-{(model.sha256 or 'random')[:16]}"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        base_dir = self._graphs("base", None)
+        self.base = OnnxSamPredictor(base_dir / "encoder.onnx", base_dir / "decoder.onnx", model.config.img_size,
+                                     model.config.low_res_size, providers=self.providers, threads=threads,
+                                     mask_threshold=float(model.sam.mask_threshold))
+        self.img_size = model.config.img_size
+        self.low_res_size = model.config.low_res_size
+        self.transform = self.base.transform
+        self.device = "cpu" if self.providers == ("CPUExecutionProvider",) else ",".join(self.providers)
+
+    def _graphs(self, key: str, art: AdapterArtifact | None) -> Path:
+        """Directory with ``encoder.onnx`` (+ ``decoder.onnx`` for the base), exported once.
+
+        Written into a staging directory and renamed into place, so a crash or a second process
+        exporting the same graphs never leaves a half-written directory behind.
+        """
+        from adapters.artifact import WEIGHTS_FILE
+        from export.merged import plain_sam
+        from export.onnx_graphs import export_decoder, export_encoder
+
+        name = key if art is None else f"{art.domain}-v{art.version}-{art.meta['files'][WEIGHTS_FILE][:16]}"
+        final = self.cache_dir / name
+        if (final / "encoder.onnx").is_file():
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
+        try:
+            sam = plain_sam(self.model, art)  # verifies the adapter against the base model
+            export_encoder(sam, staging / "encoder.onnx", simplify=self.simplify, label=f"encoder {name}")
+            if art is None:
+                export_decoder(sam, staging / "decoder.onnx", simplify=self.simplify)
+            del sam
+            try:
+                os.rename(staging, final)
+            except OSError:  # another process published it first: theirs is as good as ours
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return final
+
+    def load_adapter(self, art: AdapterArtifact, merged: bool = False) -> AdapterHandle:
+        from adapters.artifact import AdapterError, verify_artifact
+        from export.runtime import make_session
+
+        report = verify_artifact(art, self.model)
+        if not report["ok"]:
+            raise AdapterError(f"refusing adapter {art.path}: " + "; ".join(report["problems"]))
+        path = self._graphs("", art) / "encoder.onnx"
+        # ONNX graphs are merged by construction; ``merged`` changes nothing here.
+        return AdapterHandle(art.ref, merged=True, state={"session": make_session(path, self.providers, self.threads)})
+
+    def unload_adapter(self, handle: AdapterHandle) -> None:
+        handle.state.clear()
+
+    def encode(self, images: Sequence[np.ndarray], handle: AdapterHandle | None) -> list[ImageEmbedding]:
+        if handle is None:
+            return self.base.encode_batch(images)
+        tensors, sizes = zip(*(self.transform.image_to_tensor(im) for im in images))
+        x = np.ascontiguousarray(torch.stack(tensors).numpy(), dtype=np.float32)
+        feats = handle.state["session"].run(None, {"image": x})[0]
+        return [ImageEmbedding(torch.from_numpy(feats[i: i + 1]), (im.shape[0], im.shape[1]), sizes[i])
+                for i, im in enumerate(images)]
+
+    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction:
+        return self.base.decode(emb, prompts, multimask=multimask, return_logits=return_logits)
+
+    def describe(self) -> dict[str, Any]:
+        return {"runtime": self.kind, "providers": list(self.providers), "graphs": str(self.cache_dir)}
+
+
+def make_runtime(model: LoadedModel, kind: str, *, device: str = "auto", onnx_cache: str | None = None,
+                 threads: int | None = None) -> TorchRuntime | OnnxRuntime:
+    if kind == "torch":
+        return TorchRuntime(model, device)
+    if kind == "onnx":
+        providers = None
+        if resolve_device(device).startswith("cuda"):
+            providers = ("CUDAExecutionProvider", "CPUExecutionProvider")
+        return OnnxRuntime(model, onnx_cache, providers=providers, threads=threads)
+    raise ValueError(f"unknown runtime {kind!r}; choose torch or onnx")

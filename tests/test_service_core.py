@@ -1,0 +1,478 @@
+"""The serving layer's plain objects, without a server: codec, request parsing, cache, router/engine."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+from service_support import corrupt_weights, encode, make_base, make_image, publish_adapter, reference_model
+
+from adapters.predictor import Prompts, SamPredictorCore
+from adapters.registry import Registry
+from service import codec
+from service.admin import check_admin, parse_version
+from service.cache import CacheEntry, EmbeddingCache
+from service.config import ConfigError, ServeConfig
+from service.engine import SegmentEngine
+from service.errors import ServiceError
+from service.messages import InferItem, PromptArrays
+from service.requests import parse_segment
+
+LIMITS = dict(max_bytes=1 << 20, max_pixels=256 * 256)
+
+
+def _png_with_size(w: int, h: int) -> bytes:
+    """A PNG header claiming ``w`` x ``h`` (no valid pixel data): a decompression bomb's first bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b""))
+
+
+# -- codec ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP"])
+def test_lossless_formats_decode_to_the_same_pixels(fmt: str) -> None:
+    img = make_image()
+    got = codec.decode_image(encode(img, fmt) if fmt != "WEBP" else _webp_lossless(img), **LIMITS)
+    np.testing.assert_array_equal(got, img)
+
+
+def _webp_lossless(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="WEBP", lossless=True)
+    return buf.getvalue()
+
+
+def test_modes_become_rgb_and_jpeg_decodes() -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(make_image()[..., 0]).save(buf, format="PNG")  # grayscale
+    gray = codec.decode_image(buf.getvalue(), **LIMITS)
+    assert gray.shape == (48, 64, 3) and (gray[..., 0] == gray[..., 2]).all()
+    rgba = np.dstack([make_image(), np.full((48, 64), 7, np.uint8)])
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, format="PNG")
+    np.testing.assert_array_equal(codec.decode_image(buf.getvalue(), **LIMITS), make_image())
+    assert codec.decode_image(encode(make_image(), "JPEG"), **LIMITS).shape == (48, 64, 3)
+
+
+@pytest.mark.parametrize("data, status, words", [
+    (b"", 400, "empty"),
+    (b"hello, I am not an image", 400, "not an image"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", 400, "not an image"),  # EPS would run Ghostscript
+    (None, 400, "truncated"),
+    (_png_with_size(100_000, 100_000), 413, "pixels"),
+    (b"x" * ((1 << 20) + 1), 413, "bytes"),
+])
+def test_bad_images_are_4xx(data: bytes | None, status: int, words: str) -> None:
+    if data is None:
+        full = encode(make_image(96, 128))
+        data = full[: len(full) // 2]
+    with pytest.raises(ServiceError) as e:
+        codec.decode_image(data, **LIMITS)
+    assert e.value.status == status and words in e.value.message
+
+
+def test_base64_accepts_data_urls_and_refuses_urls() -> None:
+    png = encode(make_image())
+    assert codec.b64decode("data:image/png;base64," + base64.b64encode(png).decode(), 1 << 20) == png
+    for url in ("http://127.0.0.1/x.png", "https://example.org/a.jpg", "file:///etc/passwd", "ftp://h/x"):
+        with pytest.raises(ServiceError, match="never fetches URLs"):
+            codec.b64decode(url, 1 << 20)
+    with pytest.raises(ServiceError, match="not valid base64"):
+        codec.b64decode("@@@@", 1 << 20)
+
+
+def test_mask_encodings_round_trip() -> None:
+    rng = np.random.default_rng(1)
+    mask = rng.random((37, 53)) > 0.6
+    rle = codec.rle_encode(mask)
+    want = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    assert rle == {"size": [37, 53], "counts": want["counts"].decode()}
+    np.testing.assert_array_equal(codec.rle_decode(rle), mask)
+    np.testing.assert_array_equal(codec.rle_decode({"size": [2, 2], "counts": [1, 2, 1]}),
+                                  np.array([[False, True], [True, False]]))
+    from PIL import Image
+
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(codec.png_encode(mask))))).astype(bool)
+    np.testing.assert_array_equal(png, mask)
+    square = np.zeros((20, 20), bool)
+    square[5:15, 4:12] = True
+    (poly,) = codec.polygons_encode(square)
+    xs, ys = poly[0::2], poly[1::2]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (4, 11, 5, 14)
+    arr = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(codec.npy_from_b64(codec.npy_b64(arr), 1 << 20), arr)
+
+
+# -- request parsing --------------------------------------------------------------------------------
+
+CONFIG = ServeConfig(registry=None, max_prompts=4, max_points=3, max_image_mb=1, max_image_pixels=256 * 256)
+
+
+def _b64(img: np.ndarray) -> str:
+    return base64.b64encode(encode(img)).decode()
+
+
+def test_parse_segment_layout() -> None:
+    img = make_image()
+    p = parse_segment({"image": _b64(img), "boxes": [[1, 2, 30, 40], [0, 0, 5, 5]], "points": [[3, 4]],
+                       "point_labels": [1], "domain": "polyp"}, CONFIG)
+    item = p.item
+    np.testing.assert_array_equal(item.image, img)
+    assert item.prompts.boxes.shape == (2, 4) and item.prompts.point_coords.shape == (2, 1, 2)
+    assert item.prompts.point_labels.tolist() == [[1], [1]] and item.domain == "polyp" and p.output == "rle"
+    assert item.content_hash == codec.content_hash(img)
+    only_points = parse_segment({"image_id": "abc", "points": [[3, 4], [5, 6]], "point_labels": [1, 0]}, CONFIG)
+    assert only_points.item.prompts.point_coords.shape == (1, 2, 2) and only_points.item.image is None
+    # multipart: a file part and JSON-encoded form fields
+    form = parse_segment({"image": encode(img), "boxes": "[[1, 2, 30, 40]]", "multimask": "true",
+                          "output": "png", "domain": "polyp"}, CONFIG, form=True)
+    assert form.item.multimask and form.output == "png" and form.item.prompts.boxes.shape == (1, 4)
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ({"boxes": [[1, 2, 3, 4]]}, 400, "missing `image`"),
+    ({"image_id": "x", "image": "AAAA", "boxes": [[1, 2, 3, 4]]}, 400, "not both"),
+    ({"image_id": "x"}, 422, "no prompt"),
+    ({"image_id": "x", "boxes": [[1, 2, 3, 4]] * 5}, 422, "over the limit of 4"),
+    ({"image_id": "x", "points": [[1, 2]] * 4, "point_labels": [1] * 4}, 422, "over the limit of 3"),
+    ({"image_id": "x", "points": [[1, 2]], "point_labels": [1, 0]}, 422, "one label per point"),
+    ({"image_id": "x", "points": [[1, 2]], "point_labels": [2]}, 422, "1 (foreground) or 0"),
+    ({"image_id": "x", "boxes": [[1, 2, 3]]}, 422, "[x0, y0, x1, y1]"),
+    ({"image_id": "x", "boxes": [[5, 2, 3, 4]]}, 422, "x0 <= x1"),
+    ({"image_id": "x", "boxes": [[-1, 2, 3, 4]]}, 422, "negative"),
+    ({"image_id": "x", "box": [[1, 2, 3, 4]]}, 400, "box"),
+    ({"image_id": "x", "boxes": [[1, 2, 3, 4]], "output": "svg"}, 400, "output"),
+    ({"image": "http://127.0.0.1:1/x.png", "boxes": [[1, 2, 3, 4]]}, 400, "never fetches URLs"),
+    ({"image": 5, "boxes": [[1, 2, 3, 4]]}, 400, "base64 string"),
+    ({"image_id": "x", "boxes": [[1, 2, 3, 4]], "mask_input": [{}]}, 422, "exactly one of"),
+])
+def test_parse_segment_errors(body: dict, status: int, words: str) -> None:
+    with pytest.raises(ServiceError) as e:
+        parse_segment(body, CONFIG)
+    assert e.value.status == status and words in e.value.message, e.value.to_json()
+
+
+def test_oversize_image_is_413() -> None:
+    with pytest.raises(ServiceError) as e:
+        parse_segment({"image": _b64(make_image(300, 300)), "boxes": [[1, 2, 3, 4]]}, CONFIG)
+    assert e.value.status == 413 and "pixels" in e.value.message
+
+
+def test_config_from_env_and_errors() -> None:
+    c = ServeConfig.from_env({"WESAM_SERVE_WORKERS": "2", "WESAM_SERVE_MERGED_DOMAINS": "a, b",
+                              "WESAM_SERVE_ADMIN_TOKEN": "s3cr3t-token", "WESAM_SERVE_CACHE_MB": "1.5"})
+    assert c.workers == 2 and c.merged_domains == ("a", "b") and c.cache_bytes == int(1.5 * 2**20)
+    assert ServeConfig.from_env(c.to_env()) == c and c.public()["admin_token"] == "set"
+    assert "s3cr3t-token" not in repr(c) and "s3cr3t-token" not in json.dumps(c.public())
+    with pytest.raises(ConfigError, match="not a number"):
+        ServeConfig.from_env({"WESAM_SERVE_WORKERS": "two"})
+    with pytest.raises(ConfigError, match="RUNTIME"):
+        ServeConfig(runtime="tensorrt")
+    with pytest.raises(ConfigError, match="MAX_BATCH_SIZE"):
+        ServeConfig(max_batch_size=1)
+
+
+def test_admin_token_checks() -> None:
+    with pytest.raises(ServiceError) as e:
+        check_admin("Bearer x", None)
+    assert e.value.status == 403 and "disabled" in e.value.message
+    for header in (None, "", "Basic abc", "Bearer "):
+        with pytest.raises(ServiceError) as e:
+            check_admin(header, "secret")
+        assert e.value.status == 401
+    with pytest.raises(ServiceError) as e:
+        check_admin("Bearer wrong", "secret")
+    assert e.value.status == 403
+    check_admin("Bearer secret", "secret")
+    assert parse_version("v3") == parse_version(3) == parse_version("3") == 3
+    for bad in ("x", 0, True, "v-1"):
+        with pytest.raises(ServiceError):
+            parse_version(bad)
+
+
+# -- cache ------------------------------------------------------------------------------------------
+
+def _entry(nbytes: int, adapter: str = "base") -> CacheEntry:
+    import torch
+
+    from adapters.predictor import ImageEmbedding
+
+    return CacheEntry(ImageEmbedding(torch.zeros(nbytes // 4), (1, 1), (1, 1)), adapter, None)
+
+
+def test_cache_is_lru_bounded_by_bytes() -> None:
+    events: list[tuple[str, int]] = []
+    cache = EmbeddingCache(1000, on_event=lambda name, n: events.append((name, n)))
+    for k in "abc":
+        assert cache.put(k, _entry(300))
+    assert cache.get("a") is not None  # a is now the most recent
+    cache.put("d", _entry(300))  # evicts b, the least recently used
+    assert "b" not in cache and {"a", "c", "d"} <= set(cache._items) and cache.nbytes == 900
+    assert cache.get("b") is None
+    assert not cache.put("huge", _entry(2000)) and cache.stats.rejected == 1
+    cache.put("e", _entry(400, adapter="polyp@v1"))  # evicts c
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.evictions) == (1, 1, 2)
+    assert "c" not in cache and "a" in cache
+    assert ("evict", 1) in events and ("hit", 1) in events and ("miss", 1) in events
+    assert cache.drop_adapter("polyp@v1") == 1 and cache.nbytes == 600
+    empty = EmbeddingCache(0)
+    assert not empty.put("a", _entry(4)) and empty.get("a") is None
+
+
+# -- engine (router + runtime + cache) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("engine")
+    base = make_base(root)
+    reg = root / "registry"
+    publish_adapter(base, reg, "polyp", seed=1)
+    publish_adapter(base, reg, "skin", seed=2)
+    return base, reg
+
+
+def _engine(world, **over) -> SegmentEngine:
+    base, reg = world
+    config = ServeConfig(model=str(base), registry=str(reg), threads=1, poll_seconds=0, **over)
+    return SegmentEngine.from_config(config)
+
+
+BOX = np.array([[8, 6, 50, 40]], np.float32)
+
+
+def test_engine_matches_predictor_per_domain(world) -> None:
+    base, reg = world
+    engine = _engine(world)
+    img = make_image()
+    items = [InferItem(image=img, prompts=PromptArrays(boxes=BOX)),
+             InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX)),
+             InferItem(image=img, domain="nope", prompts=PromptArrays(boxes=BOX))]
+    plain, polyp, unknown = engine.infer(items)
+    assert unknown.error["status"] == 404 and unknown.error["kind"] == "unknown_domain"
+    assert (plain.adapter, polyp.adapter, polyp.domain) == ("base", "polyp@v1", "polyp")
+    for res, ref in ((plain, None), (polyp, "polyp@v1")):
+        want = SamPredictorCore(reference_model(base, reg, ref).sam).predict(img, Prompts(boxes=BOX))
+        np.testing.assert_array_equal(res.masks, want.masks)
+        np.testing.assert_allclose(res.scores, want.scores, atol=1e-5)
+        assert 0 < res.masks.mean() < 1
+    assert (plain.masks != polyp.masks).any() and plain.image_id != polyp.image_id
+
+
+def test_batch_is_grouped_by_adapter(world) -> None:
+    engine = _engine(world)
+    calls: list[tuple[str | None, int]] = []
+    encode_fn = engine.runtime.encode
+
+    def counting(images, handle):
+        calls.append((handle.ref if handle else None, len(images)))
+        return encode_fn(images, handle)
+
+    engine.runtime.encode = counting
+    imgs = [make_image(seed=s) for s in range(3)]
+    domains = ["polyp", None, "skin", "polyp", None, "polyp"]
+    items = [InferItem(image=imgs[i % 3], domain=d, prompts=PromptArrays(boxes=BOX)) for i, d in enumerate(domains)]
+    batched = engine.infer(items, batch=True)
+    # one encoder call per adapter; the same (image, adapter) twice is encoded once (items 0/3, 1/4)
+    assert sorted(calls, key=str) == sorted([("polyp@v1", 2), (None, 1), ("skin@v1", 1)], key=str)
+    single = _engine(world)
+    for item, got in zip(items, batched):
+        (want,) = single.infer([InferItem(image=item.image, domain=item.domain, prompts=item.prompts)])
+        assert got.adapter == want.adapter
+        np.testing.assert_array_equal(got.masks, want.masks)
+
+
+def test_image_id_follow_ups_use_the_cache(world) -> None:
+    engine = _engine(world)
+    img = make_image()
+    (emb,) = engine.infer([InferItem(image=img, domain="polyp")])
+    assert emb.masks is None and not emb.cached and emb.image_size == (48, 64)
+    (again,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert again.cached and again.image_id == emb.image_id
+    (follow,) = engine.infer([InferItem(image_id=emb.image_id, prompts=PromptArrays(boxes=BOX))])
+    assert follow.cached and follow.adapter == "polyp@v1"
+    np.testing.assert_array_equal(follow.masks, again.masks)
+    (wrong,) = engine.infer([InferItem(image_id=emb.image_id, domain="skin", prompts=PromptArrays(boxes=BOX))])
+    assert wrong.error["status"] == 409 and wrong.error["kind"] == "domain_mismatch"
+    (missing,) = engine.infer([InferItem(image_id="0" * 32, prompts=PromptArrays(boxes=BOX))])
+    assert missing.error["status"] == 404
+    assert engine.cache.stats.hits == 3 and engine.cache.stats.misses == 2
+
+
+def test_prompt_ranges_and_mask_inputs(world) -> None:
+    engine = _engine(world, max_mask_pixels=48 * 64 * 5)
+    img = make_image()
+    (emb,) = engine.infer([InferItem(image=img)])
+
+    def one(**kw):
+        return engine.infer([InferItem(image_id=emb.image_id, **kw)])[0]
+
+    r = one(prompts=PromptArrays(boxes=np.array([[0, 0, 65, 10]], np.float32)))
+    assert r.error["status"] == 422 and "outside the 64x48 image" in r.error["error"]
+    r = one(prompts=PromptArrays(point_coords=np.array([[[10, 49]]], np.float32), point_labels=np.array([[1]])))
+    assert r.error["status"] == 422
+    r = one(prompts=PromptArrays(boxes=BOX), multimask=True, return_logits=True)  # 3 masks with logits
+    assert r.error["status"] == 413 and "over the limit" in r.error["error"]
+    first = one(prompts=PromptArrays(boxes=BOX), return_logits=True)
+    assert first.logits.shape == (1, 1, 48, 64) and first.low_res_logits.shape == (1, 1, 32, 32)
+    np.testing.assert_array_equal(first.masks, first.logits > 0)
+    # feed the previous answer back, both ways
+    by_logits = one(prompts=PromptArrays(boxes=BOX, mask_logits=first.low_res_logits))
+    by_mask = one(prompts=PromptArrays(boxes=BOX, mask_binary=first.masks[:, 0]))
+    want = SamPredictorCore(engine.model.sam).predict(img, Prompts(boxes=BOX, mask_inputs=first.low_res_logits))
+    np.testing.assert_array_equal(by_logits.masks, want.masks)
+    assert by_mask.error is None and by_mask.masks.shape == (1, 1, 48, 64)
+    r = one(prompts=PromptArrays(boxes=BOX, mask_binary=np.zeros((1, 10, 10), bool)))
+    assert r.error["status"] == 422 and "the image is 64x48" in r.error["error"]
+    r = one(prompts=PromptArrays(boxes=BOX, mask_logits=np.zeros((1, 1, 16, 16), np.float32)))
+    assert r.error["status"] == 422 and "takes 32x32" in r.error["error"]
+
+
+def test_hot_reload_rollback_and_broken_versions(world, tmp_path: Path) -> None:
+    base, _ = world
+    reg = tmp_path / "registry"
+    publish_adapter(base, reg, "polyp", seed=1)
+    engine = _engine((base, reg))
+    img = make_image()
+    (v1,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert v1.adapter == "polyp@v1" and not engine.router.changed()
+
+    publish_adapter(base, reg, "polyp", seed=7)  # v2, activated in routing.json
+    assert engine.router.changed()
+    report = engine.refresh()
+    assert report["loaded"] == ["polyp@v2"] and report["unloaded"] == ["polyp@v1"]
+    (v2,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert v2.adapter == "polyp@v2" and not v2.cached and (v2.masks != v1.masks).any()
+    # v1's embeddings left with v1
+    (old,) = engine.infer([InferItem(image_id=v1.image_id, prompts=PromptArrays(boxes=BOX))])
+    assert old.error["kind"] == "unknown_image_id"
+
+    # a broken v3 activated behind the server's back is refused; v2 keeps serving
+    publish_adapter(base, reg, "polyp", seed=8)
+    corrupt_weights(reg, "polyp", 3)
+    report = engine.refresh()
+    assert report["failed"][0]["adapter"] == "polyp@v3" and "SHA-256" in report["failed"][0]["error"]
+    (still,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert still.adapter == "polyp@v2"
+    row = engine.status()["domains"][0]
+    assert row["serving"] == "polyp@v2" and row["active"] == 3 and row["error"]["version"] == 3
+
+    # activation through the engine checks first: the broken version is never written to routing.json
+    Registry(reg).activate("polyp", 2)
+    engine.refresh()
+    with pytest.raises(ServiceError) as e:
+        engine.activate("polyp", 3)
+    assert e.value.status == 409 and Registry(reg).active_version("polyp") == 2
+    assert engine.activate("polyp", 1) == {"domain": "polyp", "serving": "polyp@v1", "previous": "polyp@v2"}
+    assert json.loads((reg / "routing.json").read_text()) == {"polyp": "v1"}
+    (back,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert back.adapter == "polyp@v1"
+    np.testing.assert_array_equal(back.masks, v1.masks)
+    with pytest.raises(ServiceError) as e:
+        engine.activate("polyp", 9)
+    assert e.value.status == 404
+    with pytest.raises(ServiceError) as e:
+        engine.activate("lung", 1)
+    assert e.value.status == 404
+
+
+def test_fallback_domain_and_merged_copies(world) -> None:
+    engine = _engine(world, fallback_domain="base", merged_domains=("polyp",))
+    img = make_image()
+    (fallback,) = engine.infer([InferItem(image=img, domain="unseen", prompts=PromptArrays(boxes=BOX))])
+    assert fallback.adapter == "base"
+    (merged,) = engine.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert merged.adapter == "polyp@v1" and engine.router.slots["polyp"].handle.merged
+    unmerged = _engine(world)
+    (want,) = unmerged.infer([InferItem(image=img, domain="polyp", prompts=PromptArrays(boxes=BOX))])
+    assert (merged.masks == want.masks).mean() > 0.99
+    np.testing.assert_allclose(merged.scores, want.scores, atol=1e-3)
+
+
+def test_onnx_runtime_serves_the_same_masks(world, tmp_path: Path) -> None:
+    engine = _engine(world, runtime="onnx", onnx_cache=str(tmp_path / "onnx"))
+    torch_engine = _engine(world)
+    img = make_image()
+    for domain in (None, "polyp"):
+        item = dict(image=img, domain=domain, prompts=PromptArrays(boxes=BOX))
+        (got,) = engine.infer([InferItem(**item)])
+        (want,) = torch_engine.infer([InferItem(**item)])
+        assert got.adapter == want.adapter
+        assert (got.masks == want.masks).mean() > 0.99
+    graphs = sorted((tmp_path / "onnx").glob("*/*/encoder.onnx"))
+    assert [g.parent.name.split("-")[0] for g in graphs] == ["base", "polyp", "skin"]
+    stamps = [g.stat().st_mtime_ns for g in graphs]
+    again = _engine(world, runtime="onnx", onnx_cache=str(tmp_path / "onnx"))  # reuses the exported graphs
+    assert [g.stat().st_mtime_ns for g in graphs] == stamps and set(again.router.slots) == {"polyp", "skin"}
+
+
+def test_grpc_inputs_are_validated() -> None:
+    from service.grpc_server import build_item
+
+    config = dataclasses.replace(CONFIG, max_prompts=4)
+    img = make_image()
+    item = build_item({"IMAGE": ("UINT8", img), "BOXES": ("FP32", BOX), "DOMAIN": ("BYTES", [b"polyp"])}, config)
+    assert item.domain == "polyp" and item.prompts.boxes.shape == (1, 4)
+    png = build_item({"IMAGE": ("BYTES", [encode(img)]), "POINTS": ("FP32", np.array([[1, 2]])),
+                      "LABELS": ("INT32", np.array([1]))}, config)
+    np.testing.assert_array_equal(png.image, img)
+    for inputs, status in (({"BOXES": ("FP32", BOX)}, 400),
+                           ({"IMAGE": ("FP32", img.astype(np.float32)), "BOXES": ("FP32", BOX)}, 400),
+                           ({"IMAGE": ("BYTES", [b"nope"]), "BOXES": ("FP32", BOX)}, 400),
+                           ({"IMAGE": ("UINT8", img)}, 422),
+                           ({"IMAGE": ("UINT8", img), "POINTS": ("FP32", np.array([[1, 2]]))}, 422)):
+        with pytest.raises(ServiceError) as e:
+            build_item(inputs, config)
+        assert e.value.status == status
+
+
+# -- the HTTP front's logic, with the engine in process -----------------------------------------------
+
+def test_frontend_formats_answers_and_maps_runtime_failures(world) -> None:
+    from http import HTTPStatus
+
+    import anyio
+    from bentoml.exceptions import BentoMLException
+
+    from service.front import Frontend, LocalRuntime
+
+    engine = _engine(world)
+    front = Frontend(dataclasses.replace(engine.config, max_prompts=4), LocalRuntime(engine))
+    img = make_image()
+    status, body = anyio.run(front.segment, {"image": _b64(img), "boxes": [BOX.tolist()[0]], "domain": "polyp"})
+    assert status == 200 and body["adapter"] == "polyp@v1" and body["image_size"] == [48, 64]
+    want = SamPredictorCore(reference_model(world[0], world[1], "polyp@v1").sam).predict(img, Prompts(boxes=BOX))
+    np.testing.assert_array_equal(codec.rle_decode(body["masks"][0]["rle"]), want.masks[0, 0])
+    status, body = anyio.run(front.embed, {"image": encode(img)}, True)  # multipart: file bytes
+    assert status == 200 and body["adapter"] == "base" and not body["cached"]
+    status, body = anyio.run(front.segment, ServiceError("too big", status=413, kind="too_large"))
+    assert (status, body["kind"]) == (413, "too_large")
+
+    class Failing:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+        async def infer(self, items):
+            raise self.exc
+
+        async def status(self):
+            return {"domains": []}
+
+    for exc, status, kind in ((BentoMLException("shed", error_code=HTTPStatus.SERVICE_UNAVAILABLE), 503, "overloaded"),
+                              (ConnectionRefusedError("down"), 503, "overloaded"),
+                              (BentoMLException("bug", error_code=HTTPStatus.INTERNAL_SERVER_ERROR), 500, "internal")):
+        got = anyio.run(Frontend(engine.config, Failing(exc)).segment, {"image": _b64(img), "boxes": [[1, 1, 5, 5]]})
+        assert (got[0], got[1]["kind"]) == (status, kind)
