@@ -321,8 +321,9 @@ def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = Non
         "bytes": weights.stat().st_size,
         "architecture": best.config.to_json(),
         "training": {
-            "command": "wesam pretrain --data-root ../shared/data --time-budget "
-                       f"{cfg['time_budget_min']} --seed {cfg['seed']} --out {cfg['out_dir']}",
+            "command": "wesam pretrain --data-root ../shared/data --out runs/pretrain-sam-mini "
+                       f"--time-budget {cfg['time_budget_min']} --seed {cfg['seed']}"
+                       + (f" --threads {cfg['threads']}" if cfg.get("threads") else "") + " --ship models/sam-mini",
             "recipe": {k: v for k, v in cfg.items() if k not in ("out_dir", "data_root", "model_config")},
             "data": {"synthetic": "procedural scenes (adapters/pretrain/synthetic.py), seed-derived stream",
                      "natural_train_splits": list(SOURCE_SETS),
