@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads for both backends (default: PyTorch's)")
     p.add_argument("--no-simplify", action="store_true", help="export without onnxslim")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-results", action="store_true", help="do not update bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.iters < 1 or args.batch < 1 or args.warmup < 0:
         p.error("--iters and --batch must be >= 1, --warmup >= 0")
@@ -150,7 +151,29 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(text + "\n")
     print(text)
+    if not args.no_results:
+        from bench.results import write_section
+
+        write_section("export", to_markdown(result, "wesam bench export " + " ".join(argv or sys.argv[1:])))
     return 0
+
+
+def to_markdown(res: dict[str, Any], command: str) -> str:
+    from bench.results import machine
+
+    lines = ["## Export: ONNX Runtime (CPU) vs PyTorch eager", "",
+             f"Model `{res['model']}` ({res['img_size']} px), {res['threads']} threads, median of {res['iters']} "
+             f"runs after {res['warmup']} warm-up, torch {res['torch_version']}, onnxruntime "
+             f"{res['onnxruntime_version']}; measured on {machine()} with `{command}`. Speed-up = PyTorch time / "
+             "ONNX Runtime time, both measured in this run.", "",
+             "| graph | PyTorch ms | ONNX Runtime ms | speed-up |", "|---|---|---|---|"]
+    enc = res["encoder"]
+    lines.append(f"| encoder, batch {enc['batch']} | {enc['torch']['median_ms']:.2f} | "
+                 f"{enc['onnxruntime']['median_ms']:.2f} | x{enc['speedup']:.2f} |")
+    for row in res["decoder"]:
+        lines.append(f"| decoder, {row['prompts']} prompts | {row['torch']['median_ms']:.2f} | "
+                     f"{row['onnxruntime']['median_ms']:.2f} | x{row['speedup']:.2f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

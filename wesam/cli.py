@@ -264,7 +264,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation", "serve": "bench.serve"}
+BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation", "serve": "bench.serve",
+           "export": "bench.export_speed"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
