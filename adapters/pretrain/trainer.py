@@ -330,7 +330,7 @@ def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = Non
                      "never_seen": ["kvasir_seg", "cvc_clinicdb", "all test splits"]},
             "steps": int(state["step"]),
             "wall_minutes": round(float(state["elapsed"]) / 60, 1),
-            "machine": machine or _machine(),
+            "machine": machine or f"{_machine()}; training used {cfg.get('threads') or 'all'} thread(s)",
         },
         "selected": json.loads((run_dir / "best.json").read_text()),
         "validation_history": history,
