@@ -405,7 +405,7 @@ def test_benchmark_runs_on_sam_micro(work: Path) -> None:
     out = work / "bench.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         rc = bench.main(["--model", "sam-micro", "--iters", "1", "--warmup", "0", "--threads", "1",
-                         "--prompts", "1,5", "--json", str(out)])
+                         "--prompts", "1,5", "--json", str(out), "--no-results"])
     assert rc == 0
     result = json.loads(out.read_text())
     assert result["model"] == "sam-micro" and result["img_size"] == 64
