@@ -7,13 +7,14 @@ annotations would: a point-prompt run never sees points other than its own 5+5 p
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from ..data import open_dataset
+from ..data.splits import carve_validation
 from ..data.weak import WeakLabel, derive_weak_labels
 
 VAL_FRACTION = 0.12
@@ -27,24 +28,19 @@ class AdaptSample:
     label: WeakLabel  # the weak label, one prompt per instance
 
 
-def _groups(root: Path, stems: list[str]) -> dict[str, str]:
+def _group_of(root: Path) -> Callable[[str], str]:
     """Frames of one video sequence stay on one side of the carve (CVC-ClinicDB lists them)."""
     split = root / "split.json"
     seq = {}
     if split.is_file():
         seq = json.loads(split.read_text()).get("sequence_of_frame", {}) or {}
-    return {s: f"seq{seq[s]}" if s in seq else s for s in stems}
+    return lambda s: f"seq{seq[s]}" if s in seq else s
 
 
 def carve(root: Path, stems: list[str], fraction: float = VAL_FRACTION, seed: int = 0
           ) -> tuple[list[str], list[str]]:
     """Split adaptation stems into (train, val) deterministically; never touches the test split."""
-    groups = _groups(root, stems)
-    keys = sorted(set(groups.values()))
-    random.Random(seed).shuffle(keys)
-    n_val = max(1, round(fraction * len(keys)))
-    val_keys = set(keys[:n_val])
-    return [s for s in stems if groups[s] not in val_keys], [s for s in stems if groups[s] in val_keys]
+    return carve_validation(stems, _group_of(root), fraction, seed)
 
 
 def load_adaptation_data(root: str | Path, split: str, prompt: str, *, seed: int = 0,

@@ -7,13 +7,13 @@ correlated) to select checkpoints; test splits are used only for the final repor
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..data import FolderDataset
+from ..data.splits import carve_validation as carve_groups
 
 SOURCE_SETS = ("coco128_seg", "davis2016", "camvid")
 FORBIDDEN_SETS = ("kvasir_seg", "cvc_clinicdb")
@@ -37,13 +37,7 @@ def _group(name: str, stem: str) -> str:
 def carve_validation(name: str, stems: list[str], fraction: float = VAL_FRACTION,
                      seed: int = 0) -> tuple[list[str], list[str]]:
     """Split a train split's stems into (train, val), deterministically."""
-    groups = sorted({_group(name, s) for s in stems})
-    random.Random(seed).shuffle(groups)
-    n_val = max(1, round(fraction * len(groups)))
-    val_groups = set(groups[:n_val])
-    train = [s for s in stems if _group(name, s) not in val_groups]
-    val = [s for s in stems if _group(name, s) in val_groups]
-    return train, val
+    return carve_groups(stems, lambda s: _group(name, s), fraction, seed)
 
 
 def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001) -> list[SourceImage]:
@@ -53,10 +47,9 @@ def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001) 
     split = "test" if part == "test" else "train"
     # A few source masks are empty after instance extraction; they carry no training signal.
     ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True)
-    stems = ds.stems
+    stems = list(ds.stems)
     if part != "test":
-        train, val = carve_validation(name, list(stems))
+        train, val = carve_validation(name, stems)
         stems = train if part == "train" else val
-        ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, stems=stems)
-    # skip_bad already decoded every pair once; keep the second pass cheap by reading only kept stems.
-    return [SourceImage(s.stem, s.image, s.instances) for s in ds]
+    index = {s: i for i, s in enumerate(ds.stems)}
+    return [SourceImage(smp.stem, smp.image, smp.instances) for smp in (ds[index[s]] for s in stems)]
