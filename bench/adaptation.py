@@ -11,6 +11,8 @@ stopped and continues where it was.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import shutil
 import time
@@ -47,6 +49,7 @@ ROWS = (
     Row("wesam+", "wesam+"),
     Row("wesam+ +ema", "wesam+", {"ema_decay": 0.99}),
     Row("wesam+ +conf", "wesam+", {"confidence": 1.0}),
+    Row("wesam+ +pairwise", "wesam+", {"pairwise": True}),
     Row("oracle", "oracle"),
     Row("wesam+ r16 q,k,v,proj", "wesam+", {"lora_rank": 16, "lora_targets": ("q", "k", "v", "proj")}),
     Row("oracle r16 q,k,v,proj", "oracle", {"lora_rank": 16, "lora_targets": ("q", "k", "v", "proj")}),
@@ -139,6 +142,53 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive lock beside ``path``: several bench processes may share one results file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _load_cells(path: Path) -> dict[str, dict[str, Any]]:
+    return json.loads(path.read_text()).get("cells", {}) if path.is_file() else {}
+
+
+def save_cell(path: Path, key: str, cell: dict[str, Any], meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Add one finished cell to the JSON file, keeping cells other processes wrote meanwhile."""
+    with _locked(path):
+        cells = _load_cells(path)
+        cells[key] = cell
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps({"meta": meta, "cells": cells}, indent=2) + "\n")
+        tmp.replace(path)
+        return cells
+
+
+def claim(path: Path, key: str, owner: str) -> bool:
+    """Mark a cell as being computed so a second bench process skips it; False if already taken."""
+    with _locked(path):
+        claims_path = path.with_name(path.name + ".claims")
+        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+        if key in _load_cells(path) or claims.get(key, owner) != owner:
+            return False
+        claims[key] = owner
+        claims_path.write_text(json.dumps(claims, indent=2) + "\n")
+        return True
+
+
+def release(path: Path, key: str) -> None:
+    with _locked(path):
+        claims_path = path.with_name(path.name + ".claims")
+        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+        claims.pop(key, None)
+        claims_path.write_text(json.dumps(claims, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wesam bench adaptation", description=__doc__)
     p.add_argument("--model", default="sam-mini")
@@ -153,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench-adaptation", help="checkpoints and corrupted data cache")
     p.add_argument("--json", default="bench/adaptation.json")
     p.add_argument("--no-results", action="store_true")
+    p.add_argument("--worker", default=None,
+                   help="name of this process when several share --json: each takes unclaimed cells")
     args = p.parse_args(argv)
     if args.quick:
         args.targets, args.prompts, args.rows = ["kvasir_seg"], ["box"], list(QUICK_ROWS)
@@ -162,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {unknown}; choose from {list(rows)}")
     work = Path(args.work)
     out_path = Path(args.json)
-    state = json.loads(out_path.read_text()) if out_path.is_file() else {}
-    results: dict[str, dict[str, Any]] = state.get("cells", {})
+    owner = args.worker or f"pid{__import__('os').getpid()}"
     model = resolve_model(args.model)
     meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "seed": args.seed,
             "machine": machine(),
@@ -173,19 +224,21 @@ def main(argv: list[str] | None = None) -> int:
         for prompt in args.prompts:
             for name in args.rows:
                 key = f"{target}|{prompt}|{name}|{args.steps}|{args.seed}|{model.sha256}"
-                if key in results:
+                if not claim(out_path, key, owner):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {target} {prompt} {name} ...", flush=True)
-                cell = run_cell(args.model, data, target, prompt, rows[name], args.steps, args.seed, work)
-                results[key] = cell
+                try:
+                    cell = run_cell(args.model, data, target, prompt, rows[name], args.steps, args.seed, work)
+                finally:
+                    release(out_path, key)
+                results = save_cell(out_path, key, cell, meta)
                 print(f"    mIoU {cell['miou']:.4f} (box filled {cell['box_filled_miou']:.4f}) "
                       f"in {cell['seconds'] / 60:.1f} min", flush=True)
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                out_path.write_text(json.dumps({"meta": meta, "cells": results}, indent=2) + "\n")
                 if not args.no_results:
                     suffix = f"|{args.steps}|{args.seed}|{model.sha256}"
                     current = {k: v for k, v in results.items() if k.endswith(suffix)}
-                    write_section("adaptation", to_markdown(current, meta))
+                    with _locked(out_path):
+                        write_section("adaptation", to_markdown(current, meta))
     return 0
 
 

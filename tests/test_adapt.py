@@ -100,6 +100,30 @@ def test_box_projection_point_and_coarse_terms() -> None:
     assert L.coarse_agreement_loss(logits, wrong, band_px=1).item() > 1
 
 
+def test_colour_affinity_and_pairwise_hand_computed() -> None:
+    lab = torch.zeros(3, 6, 6)
+    lab[0, :, 3:] = 4.0  # a colour edge between columns 2 and 3, |dL| = 4
+    aff = L.colour_affinity(lab, dilation=1, theta=2.0)
+    offsets = L._neighbour_offsets(1)
+    right = offsets.index((0, 1))
+    assert aff[right, 0, 2].item() == pytest.approx(math.exp(-2.0))  # across the edge
+    assert aff[right, 0, 0].item() == pytest.approx(1.0)
+    box = torch.tensor([[0.0, 0.0, 5.0, 5.0]])
+    split = torch.full((1, 6, 6), 30.0)
+    split[0, :, 3:] = -30.0
+    # Splitting along the colour edge costs nothing: those edges (similarity e^-2 < tau) are dropped.
+    assert L.pairwise_affinity_loss(split, aff, box, dilation=1).item() == pytest.approx(0.0, abs=1e-6)
+    # On a uniform image every edge is kept; a cut edge costs -log P(same) = -log(2 e^-30) = 30 - ln 2.
+    flat = L.colour_affinity(torch.zeros(3, 6, 6), dilation=1)
+    loss = L.pairwise_affinity_loss(split, flat, box, dilation=1).item()
+    # 6x6 grid, 8-neighbourhood: 2*(5*6*2) + 2*(5*5*2) = 220 directed edges, 6+5+5 = 16 undirected
+    # cross the cut (one straight, two diagonal per row boundary), 32 directed.
+    assert loss == pytest.approx(32 * (30.0 - math.log(2)) / 220, rel=1e-4)
+    # Only edges with both ends inside the box count.
+    tiny = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    assert L.pairwise_affinity_loss(split, flat, tiny, dilation=1).item() == pytest.approx(0.0, abs=1e-6)
+
+
 # -- views -------------------------------------------------------------------------------------------
 
 def test_flip_view_moves_prompts_with_pixels() -> None:
@@ -184,6 +208,12 @@ def test_every_method_trains_lora_only(setup, method, prompt) -> None:
     after = a.sam.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lora_" in k for k in changed)
+
+
+def test_pairwise_term_is_used_with_boxes(setup) -> None:
+    a = Adapter(_cfg(setup, method="wesam+", prompt="box", pairwise=True), log=lambda *_: None)
+    terms = a.train_step()
+    assert terms["pairwise"] > 0 and math.isfinite(terms["loss"])
 
 
 def test_deterministic_and_resume_equivalent(setup) -> None:

@@ -220,7 +220,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             prompt=args.prompt, method=args.method, registry=args.registry, steps=args.steps,
             batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
             lora_alpha=args.lora_alpha, seed=args.seed, device=args.device, eval_every=args.eval_every,
-            n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, work_dir=args.work_dir,
+            n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, pairwise=args.pairwise,
+            work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
         trainer = Adapter(cfg)
         summary = trainer.run(resume=args.resume, publish=not args.no_publish)
@@ -351,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["q", "k", "v", "proj", "mlp1", "mlp2"])
     d.add_argument("--ema-decay", type=float, help="use an EMA teacher with this decay (ablation)")
     d.add_argument("--confidence", type=float, help="ignore pseudo-label pixels with |logit| below this")
+    d.add_argument("--pairwise", action="store_true",
+                   help="wesam+ with boxes: add BoxInst's colour-affinity pairwise term")
     d.add_argument("--eval-every", type=int, default=50, help="steps between validations")
     d.add_argument("--val-fraction", type=float, default=0.12)
     d.add_argument("--seed", type=int, default=0)

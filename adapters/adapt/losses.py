@@ -92,6 +92,57 @@ def box_projection_loss(logits: torch.Tensor, boxes: torch.Tensor) -> torch.Tens
     return 0.5 * (_soft_dice(p.amax(2), box_y) + _soft_dice(p.amax(1), box_x))
 
 
+PAIRWISE_DILATION = 2
+PAIRWISE_THETA = 2.0  # colour-similarity bandwidth in LAB units (BoxInst)
+PAIRWISE_TAU = 0.3  # only edges at least this similar are pulled together
+
+
+def _neighbour_offsets(dilation: int) -> list[tuple[int, int]]:
+    return [(dy * dilation, dx * dilation) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (..., H, W) -> y with y[..., i, j] = x[..., i + dy, j + dx] (edge pixels repeat)."""
+    h, w = x.shape[-2:]
+    ys = torch.arange(h, device=x.device).add(dy).clamp(0, h - 1)
+    xs = torch.arange(w, device=x.device).add(dx).clamp(0, w - 1)
+    return x.index_select(-2, ys).index_select(-1, xs)
+
+
+def colour_affinity(lab: torch.Tensor, dilation: int = PAIRWISE_DILATION, theta: float = PAIRWISE_THETA
+                    ) -> torch.Tensor:
+    """Similarity of each pixel to its 8 neighbours at ``dilation``: lab (3, H, W) -> (8, H, W) in (0, 1].
+
+    S = exp(-||c_i - c_j|| / theta) in CIE-LAB, as in BoxInst.
+    """
+    return torch.stack([torch.exp(-(lab - _shift(lab, dy, dx)).norm(dim=0) / theta)
+                        for dy, dx in _neighbour_offsets(dilation)])
+
+
+def pairwise_affinity_loss(logits: torch.Tensor, affinity: torch.Tensor, boxes: torch.Tensor,
+                           dilation: int = PAIRWISE_DILATION, tau: float = PAIRWISE_TAU) -> torch.Tensor:
+    """BoxInst pairwise term: similar-coloured neighbours inside the box take the same label.
+
+    logits: (N, H, W); affinity: (8, H, W) from :func:`colour_affinity` in the same frame;
+    boxes: (N, 4) xyxy inclusive. The loss is -log P(y_i = y_j) averaged over the kept edges
+    (similarity >= tau, both ends inside the instance's box); 0 when there is none.
+    """
+    n, h, w = logits.shape
+    ys = torch.arange(h, device=logits.device)[None, :, None]
+    xs = torch.arange(w, device=logits.device)[None, None, :]
+    b = boxes[:, :, None, None]
+    inside = ((ys >= b[:, 1].floor()) & (ys <= b[:, 3].ceil()) & (xs >= b[:, 0].floor()) & (xs <= b[:, 2].ceil()))
+    lp, ln = F.logsigmoid(logits.float()), F.logsigmoid(-logits.float())
+    total, count = logits.new_zeros(()).float(), logits.new_zeros(()).float()
+    for k, (dy, dx) in enumerate(_neighbour_offsets(dilation)):
+        in_frame = ((ys + dy >= 0) & (ys + dy < h) & (xs + dx >= 0) & (xs + dx < w))
+        keep = ((affinity[k] >= tau)[None] & inside & _shift(inside, dy, dx) & in_frame).float()
+        same = torch.logaddexp(lp + _shift(lp, dy, dx), ln + _shift(ln, dy, dx))  # log P(same label)
+        total = total - (same * keep).sum()
+        count = count + keep.sum()
+    return total / count.clamp(min=1.0)
+
+
 def point_loss(logits: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Partial labels: BCE at the labelled points only (1 inside, 0 outside; -1 ignored).
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -76,9 +77,10 @@ class AdaptConfig:
     val_fraction: float = 0.12
     ema_decay: float | None = None
     confidence: float | None = None  # ignore pseudo-label pixels with |teacher logit| below this
+    pairwise: bool = False  # wesam+ with boxes: add BoxInst's colour-affinity pairwise term
     weights: dict[str, float] = field(default_factory=lambda: {
         "focal": 20.0, "dice": 1.0, "iou": 1.0, "anchor": 1.0, "contrast": 1.0,
-        "box": 1.0, "point": 1.0, "coarse": 1.0, "oracle_focal": 20.0, "oracle_dice": 1.0})
+        "box": 1.0, "pairwise": 1.0, "point": 1.0, "coarse": 1.0, "oracle_focal": 20.0, "oracle_dice": 1.0})
     work_dir: str | None = None
     limit: int | None = None
     skip_bad: bool = False
@@ -94,6 +96,7 @@ class AdaptConfig:
     @property
     def run_name(self) -> str:
         extra = (f"-ema{self.ema_decay}" if self.ema_decay else "") + (f"-conf{self.confidence}" if self.confidence else "")
+        extra += "-pairwise" if self.pairwise else ""
         return f"{self.domain}-{self.method}{extra}-{self.prompt}-r{self.lora_rank}-{'+'.join(self.lora_targets)}-s{self.seed}"
 
     def to_json(self) -> dict[str, Any]:
@@ -128,6 +131,7 @@ class _View:
     coords_input: torch.Tensor | None  # (N, K, 2)
     point_labels: torch.Tensor | None
     coarse_input: torch.Tensor | None  # (N, h, w)
+    affinity: torch.Tensor | None = None  # (8, h, w) colour similarity to neighbours (pairwise loss)
 
 
 class Adapter:
@@ -202,7 +206,14 @@ class Adapter:
             return _View(x.to(dev), in_size, orig, points, boxes, mask_prompt, gt.to(dev), box_in, coords_in,
                          labels, coarse_in)
 
-        return make(image), make(strong)
+        weak, strong_view = make(image), make(strong)
+        if cfg.pairwise and cfg.method == "wesam+" and label.boxes is not None:
+            # Colours of the weak view: the strong view's photometric changes would fake edges.
+            h, w = weak.input_size
+            small = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+            lab = torch.as_tensor(cv2.cvtColor(small, cv2.COLOR_RGB2LAB)).permute(2, 0, 1)
+            strong_view.affinity = L.colour_affinity(lab).to(dev)
+        return weak, strong_view
 
     # -- model passes
     def _decode(self, sam, emb: torch.Tensor, v: _View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,6 +262,8 @@ class Adapter:
         if cfg.method == "wesam+":
             if strong.box_input is not None:
                 out["box"] = L.box_projection_loss(s_full, strong.box_input)
+                if strong.affinity is not None:
+                    out["pairwise"] = L.pairwise_affinity_loss(s_full, strong.affinity, strong.box_input)
             if strong.coords_input is not None:
                 out["point"] = L.point_loss(s_full, strong.coords_input, strong.point_labels)
             if strong.coarse_input is not None:
