@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="runs/bench-adaptation", help="checkpoints and corrupted data cache")
     p.add_argument("--json", default="bench/adaptation.json")
     p.add_argument("--no-results", action="store_true")
-    p.add_argument("--worker", default=None,
-                   help="name of this process when several share --json: each takes unclaimed cells")
+    p.add_argument("--worker", default="main",
+                   help="name of this process when several share --json (give each its own): each takes "
+                        "unclaimed cells, and a restarted worker takes back the cells it had claimed")
     args = p.parse_args(argv)
     if args.quick:
         args.targets, args.prompts, args.rows = ["kvasir_seg"], ["box"], list(QUICK_ROWS)
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {unknown}; choose from {list(rows)}")
     work = Path(args.work)
     out_path = Path(args.json)
-    owner = args.worker or f"pid{__import__('os').getpid()}"
+    owner = args.worker
     model = resolve_model(args.model)
     meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "seed": args.seed,
             "machine": machine(),
