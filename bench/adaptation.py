@@ -91,7 +91,7 @@ def targets(data_root: Path, cache: Path, names: list[str]) -> dict[str, Path]:
 
 
 def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: int, seed: int,
-             work: Path) -> dict[str, Any]:
+             work: Path, lr: float = AdaptConfig.lr) -> dict[str, Any]:
     t0 = time.time()
     spec = PromptSpec(prompt, seed=seed)
     test = FolderDataset(data, "test", skip_bad=True)
@@ -102,7 +102,7 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
         val = None
     else:
         cfg = AdaptConfig(data=str(data), domain=target.replace("_", "-"), model=model, prompt=prompt,
-                          method=row.method, steps=steps, seed=seed, registry=None, skip_bad=True,
+                          method=row.method, steps=steps, lr=lr, seed=seed, registry=None, skip_bad=True,
                           work_dir=str(work / f"{target}-{prompt}-{row.name.replace(' ', '_')}"), **row.extra)
         a = Adapter(cfg, log=lambda *_: None)
         summary = a.run(publish=False)
@@ -117,7 +117,7 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
 
 def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["## Adaptation (WeSAM ablation)", "",
-             f"Base `{meta['model']}`, {meta['steps']} steps of batch 4 per cell, LoRA rank 4 on q,v unless the row "
+             f"Base `{meta['model']}`, {meta['steps']} steps of batch 4 per cell at lr {meta.get('lr', 3e-4):g}, LoRA rank 4 on q,v unless the row "
              f"says otherwise, seed {meta['seed']}; measured on {meta['machine']} with `{meta['command']}`. "
              "Adapt on the train split (model selection on a validation part carved from it), score on the test "
              "split. \"of oracle\" = (method − direct) / (oracle − direct), oracle with the same LoRA configuration "
@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", default=[r.name for r in ROWS])
     p.add_argument("--quick", action="store_true", help="Kvasir-SEG, box prompts, the main rows")
     p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=AdaptConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench-adaptation", help="checkpoints and corrupted data cache")
     p.add_argument("--json", default="bench/adaptation.json")
@@ -217,26 +218,26 @@ def main(argv: list[str] | None = None) -> int:
     out_path = Path(args.json)
     owner = args.worker
     model = resolve_model(args.model)
-    meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "seed": args.seed,
+    meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "machine": machine(),
             "command": "wesam bench adaptation " + " ".join(argv or [])}
     paths = targets(Path(args.data_root), work / "data", args.targets)
     for target, data in paths.items():
         for prompt in args.prompts:
             for name in args.rows:
-                key = f"{target}|{prompt}|{name}|{args.steps}|{args.seed}|{model.sha256}"
+                key = f"{target}|{prompt}|{name}|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
                 if not claim(out_path, key, owner):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {target} {prompt} {name} ...", flush=True)
                 try:
-                    cell = run_cell(args.model, data, target, prompt, rows[name], args.steps, args.seed, work)
+                    cell = run_cell(args.model, data, target, prompt, rows[name], args.steps, args.seed, work, args.lr)
                 finally:
                     release(out_path, key)
                 results = save_cell(out_path, key, cell, meta)
                 print(f"    mIoU {cell['miou']:.4f} (box filled {cell['box_filled_miou']:.4f}) "
                       f"in {cell['seconds'] / 60:.1f} min", flush=True)
                 if not args.no_results:
-                    suffix = f"|{args.steps}|{args.seed}|{model.sha256}"
+                    suffix = f"|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
                     current = {k: v for k, v in results.items() if k.endswith(suffix)}
                     with _locked(out_path):
                         write_section("adaptation", to_markdown(current, meta))

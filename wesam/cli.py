@@ -265,8 +265,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCHES = {"source": "bench.source_model", "adaptation": "bench.adaptation", "serve": "bench.serve",
-           "export": "bench.export_speed"}
+BENCHES = {"source": "bench.source_model", "source-breakdown": "bench.source_breakdown",
+           "adaptation": "bench.adaptation", "serve": "bench.serve", "export": "bench.export_speed"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -331,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapters)
 
-    from adapters.adapt import DEFAULT_METHOD, METHODS
+    from adapters.adapt import DEFAULT_LR, DEFAULT_METHOD, METHODS
 
     d = sub.add_parser("adapt", help="weakly supervised LoRA adaptation to a target domain (WeSAM)")
     d.add_argument("--model", default="sam-mini")
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS)
     d.add_argument("--steps", type=int, default=400)
     d.add_argument("--batch-size", type=int, default=4)
-    d.add_argument("--lr", type=float, default=3e-4)
+    d.add_argument("--lr", type=float, default=DEFAULT_LR)
     d.add_argument("--lora-rank", type=int, default=4)
     d.add_argument("--lora-alpha", type=float, help="scale = alpha / rank (default: scale 1, as WeSAM)")
     d.add_argument("--lora-targets", nargs="+", default=["q", "v"],

@@ -41,7 +41,7 @@ from ..predictor import SamPredictorCore
 from ..registry import Registry
 from ..transforms import SamTransform
 from ..zoo import LoadedModel, resolve_model
-from . import DEFAULT_METHOD, METHODS
+from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
 from . import losses as L
 from .data import AdaptSample, load_adaptation_data
 from .views import flip_view, strong_photometric
@@ -62,7 +62,7 @@ class AdaptConfig:
     registry: str | None = "registry"
     steps: int = 400
     batch_size: int = 4
-    lr: float = 3e-4
+    lr: float = DEFAULT_LR
     weight_decay: float = 1e-4
     warmup_steps: int = 25
     grad_clip: float = 1.0
