@@ -22,8 +22,7 @@ from adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, read_art
 from adapters.transforms import PIXEL_MEAN, PIXEL_STD
 from adapters.zoo import LoadedModel, sha256_file
 
-from .common import (ExportError, prepare_staging, progress, publish_dir, read_json, utc_now, wesam_version,
-                     write_json)
+from .common import ExportError, progress, read_json, staged_output, utc_now, wesam_version, write_json
 from .merged import plain_sam
 from .errors import DEFAULT_OPSET
 from .onnx_graphs import NUM_MASK_OUTPUTS, export_decoder, export_encoder
@@ -119,8 +118,7 @@ def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir
     if not domains:
         raise ExportError("nothing to export: --no-base and no --adapter")
     out = Path(out_dir)
-    staging = prepare_staging(out, EXPORT_FILE, "wesam ONNX export")
-    try:
+    with staged_output(out, EXPORT_FILE, "wesam ONNX export") as staging:
         encoders: dict[str, Any] = {}
         for domain, art in domains.items():
             sam = plain_sam(model, art)
@@ -169,9 +167,5 @@ def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir
             "decoder": dec.to_json(staging),
         }
         write_json(staging / EXPORT_FILE, manifest)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"wrote {len(encoders)} encoder(s) and the decoder to {out}")
     return read_export(out)

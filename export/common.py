@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import re
@@ -10,7 +12,7 @@ import sys
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from adapters.artifact import AdapterArtifact, AdapterError, read_artifact
 from adapters.registry import Registry
@@ -90,6 +92,22 @@ def prepare_staging(out: Path, marker: str, what: str) -> Path:
     staging = out.parent / f".{out.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     return staging
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, marker: str, what: str) -> Iterator[Path]:
+    """Write an output directory through a staging directory, published only if the body succeeds.
+
+    Yields the staging path; on any exception (Ctrl-C included) it is removed and ``out`` is left
+    as it was.
+    """
+    staging = prepare_staging(out, marker, what)
+    try:
+        yield staging
+        publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def publish_dir(staging: Path, out: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .bundle import DECODER_FILE, ExportBundle
-from .common import ExportError, prepare_staging, progress, publish_dir, utc_now, wesam_version, write_json
+from .common import ExportError, progress, staged_output, utc_now, wesam_version, write_json
 from .onnx_graphs import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 
 MARKER_FILE = "wesam_triton.json"
@@ -163,8 +163,7 @@ def build_repository(bundle: ExportBundle, out: str | os.PathLike, *, domains: S
     for d in domains:
         bundle.encoder_path(d)
     out = Path(out)
-    staging = prepare_staging(out, MARKER_FILE, "wesam Triton repository")
-    try:
+    with staged_output(out, MARKER_FILE, "wesam Triton repository") as staging:
         models: dict[str, Any] = {}
         decoder = bundle.manifest["decoder"]
         progress(f"triton: {DECODER_MODEL} ({DECODER_FILE})")
@@ -197,9 +196,5 @@ def build_repository(bundle: ExportBundle, out: str | os.PathLike, *, domains: S
             "created": utc_now(),
         }
         write_json(staging / MARKER_FILE, manifest)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     progress(f"wrote Triton repository {out} ({len(models)} models)")
     return manifest
