@@ -307,3 +307,16 @@ def test_torchrun_two_process_gloo_matches_single_process(setup) -> None:
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
     assert Registry(tmp / "ddp-reg-2").versions("polyp") == [1]  # rank 0 published once
+
+
+def test_drift_report_reads_a_finished_run(setup, capsys) -> None:
+    from bench.adaptation_drift import main as drift_main
+
+    cfg = _cfg(setup, method="self-training", steps=2, eval_every=1)
+    Adapter(cfg, log=lambda *_: None).run(publish=False)
+    assert drift_main(["--work-dir", cfg.work_dir, "--data", cfg.data, "--method", "self-training",
+                       "--model", cfg.model]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report) == {"no adapter", "best", "last"}
+    for stats in report.values():
+        assert 0.0 <= stats["instance_miou"] <= 1.0 and stats["median_area_ratio"] >= 0.0

@@ -266,7 +266,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 # -- bench ------------------------------------------------------------------------------------------
 
 BENCHES = {"source": "bench.source_model", "source-breakdown": "bench.source_breakdown",
-           "adaptation": "bench.adaptation", "serve": "bench.serve", "export": "bench.export_speed"}
+           "adaptation": "bench.adaptation", "adaptation-drift": "bench.adaptation_drift", "serve": "bench.serve", "export": "bench.export_speed"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
