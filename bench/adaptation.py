@@ -118,14 +118,18 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
 def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = ["## Adaptation (WeSAM ablation)", "",
              f"Base `{meta['model']}`, {meta['steps']} steps of batch 4 per cell at lr {meta.get('lr', 3e-4):g}, LoRA rank 4 on q,v unless the row "
-             f"says otherwise, seed {meta['seed']}; measured on {meta['machine']} with `{meta['command']}`. "
+             f"says otherwise, seed {meta['seed']}; measured on {meta['machine']} with "
+             f"`wesam bench adaptation --steps {meta['steps']} --lr {meta.get('lr', 3e-4):g} --seed {meta['seed']}` "
+             "(`--targets`, `--prompts` and `--rows` pick cells; each cell ran on one thread, two at a time). "
              "Adapt on the train split (model selection on a validation part carved from it), score on the test "
              "split. \"of oracle\" = (method − direct) / (oracle − direct), oracle with the same LoRA configuration "
              "and steps.", ""]
     cells = list(results.values())
     for target in dict.fromkeys(c["target"] for c in cells):
         for prompt in dict.fromkeys(c["prompt"] for c in cells if c["target"] == target):
-            rows = {c["row"]: c for c in cells if c["target"] == target and c["prompt"] == prompt}
+            order = {r.name: i for i, r in enumerate(ROWS)}
+            rows = {c["row"]: c for c in sorted((c for c in cells if c["target"] == target and c["prompt"] == prompt),
+                                                key=lambda c: order.get(c["row"], len(order)))}
             direct = rows.get("direct")
             lines += [f"### {target}, {prompt} prompts", "",
                       "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | minutes |", "|---|---|---|---|---|---|---|"]
