@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adapters.adapt.trainer import AdaptConfig, Adapter
 from adapters.data import FolderDataset
 from adapters.data.corruptions import corrupt
@@ -120,14 +122,14 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
              f"Base `{meta['model']}`, {meta['steps']} steps of batch 4 per cell at lr {meta.get('lr', 3e-4):g}, LoRA rank 4 on q,v unless the row "
              f"says otherwise, seed {meta['seed']}; measured on {meta['machine']} with "
              f"`wesam bench adaptation --steps {meta['steps']} --lr {meta.get('lr', 3e-4):g} --seed {meta['seed']}` "
-             "(`--targets`, `--prompts` and `--rows` pick cells; each cell ran on one thread, two at a time). "
+             f"(`--targets`, `--prompts` and `--rows` pick cells; {meta.get('threads', '?')} torch thread(s) per cell). "
              "Adapt on the train split (model selection on a validation part carved from it), score on the test "
              "split. \"of oracle\" = (method − direct) / (oracle − direct), oracle with the same LoRA configuration "
              "and steps.", ""]
     cells = list(results.values())
+    order = {r.name: i for i, r in enumerate(ROWS)}
     for target in dict.fromkeys(c["target"] for c in cells):
         for prompt in dict.fromkeys(c["prompt"] for c in cells if c["target"] == target):
-            order = {r.name: i for i, r in enumerate(ROWS)}
             rows = {c["row"]: c for c in sorted((c for c in cells if c["target"] == target and c["prompt"] == prompt),
                                                 key=lambda c: order.get(c["row"], len(order)))}
             direct = rows.get("direct")
@@ -173,24 +175,31 @@ def save_cell(path: Path, key: str, cell: dict[str, Any], meta: dict[str, Any]) 
         return cells
 
 
+def _claims_path(path: Path) -> Path:
+    return path.with_name(path.name + ".claims")
+
+
+def _read_claims(path: Path) -> dict[str, str]:
+    claims_path = _claims_path(path)
+    return json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+
+
 def claim(path: Path, key: str, owner: str) -> bool:
     """Mark a cell as being computed so a second bench process skips it; False if already taken."""
     with _locked(path):
-        claims_path = path.with_name(path.name + ".claims")
-        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+        claims = _read_claims(path)
         if key in _load_cells(path) or claims.get(key, owner) != owner:
             return False
         claims[key] = owner
-        claims_path.write_text(json.dumps(claims, indent=2) + "\n")
+        _claims_path(path).write_text(json.dumps(claims, indent=2) + "\n")
         return True
 
 
 def release(path: Path, key: str) -> None:
     with _locked(path):
-        claims_path = path.with_name(path.name + ".claims")
-        claims = json.loads(claims_path.read_text()) if claims_path.is_file() else {}
+        claims = _read_claims(path)
         claims.pop(key, None)
-        claims_path.write_text(json.dumps(claims, indent=2) + "\n")
+        _claims_path(path).write_text(json.dumps(claims, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,17 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown rows {unknown}; choose from {list(rows)}")
     work = Path(args.work)
     out_path = Path(args.json)
-    owner = args.worker
     model = resolve_model(args.model)
     meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "lr": args.lr, "seed": args.seed,
-            "machine": machine(),
-            "command": "wesam bench adaptation " + " ".join(argv or [])}
+            "machine": machine(), "threads": torch.get_num_threads()}
     paths = targets(Path(args.data_root), work / "data", args.targets)
     for target, data in paths.items():
         for prompt in args.prompts:
             for name in args.rows:
                 key = f"{target}|{prompt}|{name}|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
-                if not claim(out_path, key, owner):
+                if not claim(out_path, key, args.worker):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {target} {prompt} {name} ...", flush=True)
                 try:

@@ -19,24 +19,26 @@ import torch
 
 from adapters.adapt.trainer import ADAPTER, AdaptConfig, Adapter
 from adapters.data.weak import derive_weak_labels
-from adapters.evaluate import predict_instances, prompts_from_weak
+from adapters.evaluate import PromptSpec, predict_instances, prompts_from_weak
 from adapters.lora import load_adapter_state, use_adapter
+from adapters.metrics import iou_f1
 from adapters.predictor import SamPredictorCore
 
 
 def area_stats(adapter: Adapter, which: str | None) -> dict[str, float]:
     """Per-instance predicted/true area ratios and IoU on ``adapter.val`` with LoRA ``which`` (None = off)."""
     cfg = adapter.cfg
+    spec = PromptSpec(cfg.prompt, n_points=cfg.n_points, seed=cfg.seed)  # as the run's own validation
     ratios, ious = [], []
     with use_adapter(adapter.sam, which):
         pred = SamPredictorCore(adapter.sam, adapter.device)
         for s in adapter.val:
             gts = s.instances
-            label = derive_weak_labels(gts, cfg.prompt, seed=cfg.seed, key=s.stem, n_points=cfg.n_points)
-            masks = predict_instances(pred, s.image, prompts_from_weak(label, pred, gts.shape[1:]), False)
-            for g, p in zip(gts, masks):
+            label = derive_weak_labels(gts, spec.kind, seed=spec.seed, key=s.stem, n_points=spec.n_points)
+            prompts = prompts_from_weak(label, pred, gts.shape[1:], spec.mask_logit)
+            for g, p in zip(gts, predict_instances(pred, s.image, prompts, spec.multimask)):
                 ratios.append(p.sum() / max(g.sum(), 1))
-                ious.append((g & p).sum() / max((g | p).sum(), 1))
+                ious.append(iou_f1(p, g)[0])
     r = np.asarray(ratios)
     return {"median_area_ratio": float(np.median(r)), "frac_under_0.8": float(np.mean(r < 0.8)),
             "frac_over_1.25": float(np.mean(r > 1.25)), "instance_miou": float(np.mean(ious))}

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from adapters.data.weak import boxes_from_masks
+from adapters.metrics import iou_f1
 from adapters.predictor import Prompts, SamPredictorCore
 from adapters.pretrain.synthetic import synthetic_validation_set
 from adapters.zoo import resolve_model
@@ -25,10 +26,6 @@ GROUPS = {
     "visible pieces": ("pieces", [(1, 2), (2, 3), (3, 99)]),
     "mask area / box area": ("fill", [(0, 0.3), (0.3, 0.6), (0.6, 1.01)]),
 }
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max((a | b).sum(), 1))
 
 
 def instance_rows(model: str, n: int) -> list[dict[str, float]]:
@@ -45,7 +42,7 @@ def instance_rows(model: str, n: int) -> list[dict[str, float]]:
             coarse = cv2.resize(gt.astype(np.float32), (low, low), interpolation=cv2.INTER_AREA)
             ceiling = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
             box_area = (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
-            rows.append({"iou": _iou(pm, gt), "ceiling": _iou(ceiling, gt), "area": gt.mean(),
+            rows.append({"iou": iou_f1(pm, gt)[0], "ceiling": iou_f1(ceiling, gt)[0], "area": gt.mean(),
                          "pieces": cv2.connectedComponents(gt.astype(np.uint8))[0] - 1,
                          "fill": gt.sum() / max(box_area, 1)})
     return rows
