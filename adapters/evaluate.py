@@ -88,3 +88,30 @@ def evaluate(predictor: SamPredictorCore, samples: Iterable[SampleLike], spec: P
     result = meter.summary()
     result["box_filled"] = baseline.summary()
     return result
+
+
+def inbox_logit_health(predictor: SamPredictorCore, samples: Iterable[SampleLike],
+                       pixels_per_instance: int = 256, seed: int = 0) -> dict[str, float]:
+    """Median logit on object and on background pixels *inside* tight-box prompts.
+
+    A box-prompted model that has learnt only "inside the box" puts both near the same value;
+    a model that separates the object from its box keeps them far apart on either side of 0.
+    Up to ``pixels_per_instance`` pixels of each side are drawn per instance (seeded).
+    Returns ``{"inbox_object_logit", "inbox_background_logit"}`` (NaN when no pixel exists).
+    """
+    rng = np.random.default_rng(seed)
+    obj: list[np.ndarray] = []
+    bg: list[np.ndarray] = []
+    for s in samples:
+        gts = s.instances
+        boxes = boxes_from_masks(gts)
+        logits = predictor.predict(s.image, Prompts(boxes=boxes), return_logits=True).masks[:, 0]
+        for gt, box, lg in zip(gts, boxes.astype(int), logits):
+            x0, y0, x1, y1 = box
+            g, l = gt[y0:y1 + 1, x0:x1 + 1], lg[y0:y1 + 1, x0:x1 + 1]
+            for side, out in ((l[g], obj), (l[~g], bg)):
+                if len(side):
+                    out.append(rng.choice(side, min(len(side), pixels_per_instance), replace=False))
+    def median(parts: list[np.ndarray]) -> float:
+        return float(np.median(np.concatenate(parts))) if parts else float("nan")
+    return {"inbox_object_logit": median(obj), "inbox_background_logit": median(bg)}

@@ -251,7 +251,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         return 0
     cfg = PretrainConfig(out_dir=args.out, data_root=args.data_root, seed=args.seed, steps=args.steps,
                          time_budget_min=args.time_budget, batch_size=args.batch_size, lr=args.lr,
-                         eval_every_min=args.eval_every, threads=args.threads)
+                         eval_every_min=args.eval_every, threads=args.threads, max_prompts=args.max_prompts,
+                         warmup_steps=args.warmup_steps, tight_box_frac=args.tight_box_frac,
+                         box_jitter_std=args.box_jitter_std, box_jitter_max_px=args.box_jitter_max_px,
+                         inbox_weight=args.inbox_weight, things_only=args.things_only, init_from=args.init_from)
     if args.synthetic_only:
         cfg.data_root = None
     trainer = Pretrainer(cfg)
@@ -377,7 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, default=100.0, help="minutes of training (default 100)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=4e-4)
-    t.add_argument("--eval-every", type=float, default=12.0, help="minutes between validations")
+    t.add_argument("--eval-every", type=float, default=10.0, help="minutes between validations")
+    t.add_argument("--max-prompts", type=int, default=8, help="instances prompted per image and step")
+    t.add_argument("--warmup-steps", type=int, default=250)
+    t.add_argument("--tight-box-frac", type=float, default=0.5,
+                   help="share of box prompts given as the exact box (the rest get SAM-scale jitter)")
+    t.add_argument("--box-jitter-std", type=float, default=0.05, help="box noise std as a fraction of the side")
+    t.add_argument("--box-jitter-max-px", type=float, default=5.0, help="box noise cap in input-frame pixels")
+    t.add_argument("--inbox-weight", type=float, default=1.0,
+                   help="weight of the balanced object/background loss inside box prompts (0 disables)")
+    t.add_argument("--with-stuff", dest="things_only", action="store_false",
+                   help="keep semantic stuff classes (road, sky, ...) as training instances")
+    t.add_argument("--init-from", metavar="MODEL",
+                   help="warm start from these weights (zoo name or file) of the same architecture")
     t.add_argument("--threads", type=int)
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     t.add_argument("--ship", metavar="DIR", help="after training, write fp16 weights + manifest to DIR "

@@ -175,8 +175,10 @@ class FolderDataset:
         min_area_frac: float = 0.001,
         skip_bad: bool = False,
         stems: list[str] | None = None,
+        ignore_classes: tuple[int, ...] = (),
     ) -> None:
         self.root = Path(root)
+        self.ignore_classes = tuple(ignore_classes)
         self.split = split
         self.name = self.root.resolve().name
         self.min_area_frac = min_area_frac
@@ -277,7 +279,7 @@ class FolderDataset:
         mask = read_mask(mask_path)
         _check_sizes(image, mask.shape[:2], mask_path, image_path)
         try:
-            inst = instances_from_mask(mask, self.mask_kind, self.min_area_frac)
+            inst = instances_from_mask(mask, self.mask_kind, self.min_area_frac, self.ignore_classes)
         except ValueError as e:
             raise DataError(mask_path, str(e)) from None
         if len(inst) == 0:

@@ -38,7 +38,7 @@ def _binary_foreground(mask: np.ndarray) -> np.ndarray:
 
 
 def instances_from_mask(
-    mask: np.ndarray, kind: str, min_area_frac: float = 0.001
+    mask: np.ndarray, kind: str, min_area_frac: float = 0.001, ignore_classes: tuple[int, ...] = ()
 ) -> np.ndarray:
     """Split a label image into instance masks.
 
@@ -52,6 +52,8 @@ def instances_from_mask(
         min_area_frac: components smaller than ``min_area_frac * H * W``
             pixels are dropped (binary/semantic only; specks from JPEG-ish
             mask noise must not become instances).
+        ignore_classes: semantic class ids treated as void (e.g. "stuff" such as road or
+            sky, which is not an object a user would prompt).
 
     Returns:
         (N,H,W) bool array, N >= 0.
@@ -79,7 +81,7 @@ def instances_from_mask(
     else:  # semantic
         inst = []
         for cls in np.unique(mask):
-            if cls != 0:
+            if cls != 0 and int(cls) not in ignore_classes:
                 inst.extend(_components(mask == cls, min_area))
 
     if not inst:

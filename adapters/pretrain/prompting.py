@@ -28,6 +28,17 @@ FOCAL_WEIGHT = 20.0
 FOCAL_ALPHA = -1.0
 
 
+@dataclass(frozen=True)
+class BoxPromptRecipe:
+    """How training boxes are drawn: users and evaluation give tight boxes, so a share of the
+    boxes is exact and the rest carries SAM-scale noise (std ``std_frac`` of the side, capped
+    at ``max_px`` in the input frame; SAM's 20 px cap at 1024 px is 5 px at 256 px)."""
+
+    tight_frac: float = 0.5
+    std_frac: float = 0.05
+    max_px: float = 5.0
+
+
 @dataclass
 class PromptBatch:
     points: tuple[torch.Tensor, torch.Tensor] | None  # (N, K, 2) input frame, (N, K)
@@ -44,11 +55,14 @@ def _sample_pixels(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
 
 
 def initial_prompts(gts: np.ndarray, mode: str, rng: np.random.Generator, transform: SamTransform,
-                    device: torch.device) -> PromptBatch:
+                    device: torch.device, box_recipe: BoxPromptRecipe = BoxPromptRecipe()) -> PromptBatch:
     """gts: (N, h, w) bool in the resized (unpadded) input frame."""
     n, h, w = gts.shape
     if mode == "box":
-        boxes = jitter_boxes(boxes_from_masks(gts), (h, w), rng, std_frac=0.1, max_px=20.0)
+        boxes = boxes_from_masks(gts)
+        noisy = jitter_boxes(boxes, (h, w), rng, std_frac=box_recipe.std_frac, max_px=box_recipe.max_px)
+        tight = rng.random(n) < box_recipe.tight_frac
+        boxes = np.where(tight[:, None], boxes, noisy).astype(np.float32)
         return PromptBatch(None, torch.as_tensor(boxes, device=device), None, False)
     if mode in ("click", "clicks"):
         k = 1 if mode == "click" else int(rng.integers(2, 6))
@@ -107,12 +121,42 @@ def decode(sam: Sam, features: torch.Tensor, prompts: PromptBatch) -> tuple[torc
     )
 
 
-def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, gts: torch.Tensor
+def box_regions(boxes: torch.Tensor, res: int, scale: float) -> torch.Tensor:
+    """(N, 4) xyxy boxes in the input frame -> (N, res, res) bool, True inside the box.
+
+    ``scale`` = input size / res; a loss-resolution pixel is inside when its centre is.
+    """
+    centres = (torch.arange(res, device=boxes.device, dtype=torch.float32) + 0.5) * scale
+    x0, y0, x1, y1 = (boxes[:, k, None] for k in range(4))
+    # Boxes are inclusive pixel indices: the box spans [x0, x1 + 1) in continuous coordinates.
+    inx = (centres[None] >= x0) & (centres[None] < x1 + 1)
+    iny = (centres[None] >= y0) & (centres[None] < y1 + 1)
+    return iny[:, :, None] & inx[:, None, :]
+
+
+def inbox_balanced_bce(logits: torch.Tensor, gts: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Object vs background *inside the box*, each side weighted equally: (N, R, R) -> (N,).
+
+    A box prompt makes everything outside the box easy; this term asks for a decision on the
+    pixels the box leaves open, whatever the object's share of the box.
+    """
+    bce = F.binary_cross_entropy_with_logits(logits.float(), gts.float(), reduction="none")
+    obj = region & (gts > 0.5)
+    bg = region & (gts <= 0.5)
+    def mean_over(sel: torch.Tensor) -> torch.Tensor:
+        return (bce * sel).flatten(1).sum(1) / sel.flatten(1).sum(1).clamp(min=1)
+    return 0.5 * (mean_over(obj) + mean_over(bg))
+
+
+def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, gts: torch.Tensor,
+                inbox: torch.Tensor | None = None, inbox_weight: float = 0.0
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SAM's loss for one decode: 20*focal + dice on the best of M masks, MSE on IoU for all.
 
     low_res: (N, M, L, L); iou_pred: (N, M); gts: (N, R, R) float targets in the padded frame
-    at the loss resolution R (soft at object borders when downsampled).
+    at the loss resolution R (soft at object borders when downsampled). ``inbox``: (N, R, R)
+    bool box regions of box prompts; with ``inbox_weight`` > 0 the chosen mask also gets
+    :func:`inbox_balanced_bce`.
     Returns (loss, chosen index per prompt (N,), chosen upsampled logits (N, R, R)).
     """
     n, m = low_res.shape[:2]
@@ -124,6 +168,9 @@ def mask_losses(low_res: torch.Tensor, iou_pred: torch.Tensor, gts: torch.Tensor
     rows = torch.arange(n, device=up.device)
     with torch.no_grad():
         actual_iou = mask_iou(up > 0, target > 0.5)
+    chosen = up[rows, best]
     loss = seg[rows, best].mean() + F.mse_loss(iou_pred.float(), actual_iou)
-    return loss, best, up[rows, best]
+    if inbox is not None and inbox_weight > 0:
+        loss = loss + inbox_weight * inbox_balanced_bce(chosen, gts, inbox).mean()
+    return loss, best, chosen
 

@@ -7,6 +7,7 @@ correlated) to select checkpoints; test splits are used only for the final repor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,9 @@ from ..data.splits import carve_validation as carve_groups
 SOURCE_SETS = ("coco128_seg", "davis2016", "camvid")
 FORBIDDEN_SETS = ("kvasir_seg", "cvc_clinicdb")
 VAL_FRACTION = 0.12
+# Semantic "stuff" regions (CamVid: sky, building, road, pavement, tree, fence) are not
+# objects a user boxes or clicks; as instances they taught the model to fill boxes.
+STUFF_CLASSES: dict[str, tuple[int, ...]] = {"camvid": (1, 2, 4, 5, 6, 8)}
 
 
 @dataclass
@@ -40,16 +44,31 @@ def carve_validation(name: str, stems: list[str], fraction: float = VAL_FRACTION
     return carve_groups(stems, lambda s: _group(name, s), fraction, seed)
 
 
-def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001) -> list[SourceImage]:
-    """Load ``part`` ("train", "val" or "test") of one natural set into memory."""
+def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001,
+                things_only: bool = False) -> list[SourceImage]:
+    """Load ``part`` ("train", "val" or "test") of one natural set into memory.
+
+    ``things_only`` drops the set's :data:`STUFF_CLASSES` (images left without an object are
+    skipped).
+    """
     if name in FORBIDDEN_SETS:
         raise ValueError(f"{name} is a target domain and must not be used to pretrain the source model")
     split = "test" if part == "test" else "train"
     # A few source masks are empty after instance extraction; they carry no training signal.
-    ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True)
+    ignore = STUFF_CLASSES.get(name, ()) if things_only else ()
+    with warnings.catch_warnings():
+        if ignore:  # images holding only stuff are expected to drop out; not worth a warning each
+            warnings.simplefilter("ignore")
+        ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True,
+                           ignore_classes=ignore)
     stems = list(ds.stems)
     if part != "test":
-        train, val = carve_validation(name, stems)
-        stems = train if part == "train" else val
+        # Carve on the full set's stems so that dropping stuff never moves an image between
+        # the train and validation sides.
+        full = stems if not ignore else FolderDataset(
+            root / name, split=split, min_area_frac=min_area_frac, skip_bad=True).stems
+        train, val = carve_validation(name, list(full))
+        keep = set(train if part == "train" else val)
+        stems = [s for s in stems if s in keep]
     index = {s: i for i, s in enumerate(ds.stems)}
     return [SourceImage(smp.stem, smp.image, smp.instances) for smp in (ds[index[s]] for s in stems)]

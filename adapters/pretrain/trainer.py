@@ -23,12 +23,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import PromptSpec, evaluate
+from ..evaluate import PromptSpec, evaluate, inbox_logit_health
 from ..predictor import SamPredictorCore
 from ..transforms import SamTransform
 from ..zoo import SAM_MINI, SamConfig, build_sam, save_safetensors, sha256_file
 from .augment import compose_training_sample
-from .prompting import MODE_WEIGHTS, MODES, corrective_prompts, decode, initial_prompts, mask_losses
+from .prompting import (MODE_WEIGHTS, MODES, BoxPromptRecipe, box_regions, corrective_prompts, decode,
+                        initial_prompts, mask_losses)
 from .sources import SOURCE_SETS, SourceImage, load_source
 from .synthetic import SyntheticScenes, synthetic_validation_set
 
@@ -53,7 +54,15 @@ class PretrainConfig:
     paste_prob: float = 0.5
     refine_prob: float = 0.35
     loss_resolution: int = 128  # losses on logits upsampled to this size (input frame is 256)
-    eval_every_min: float = 12.0
+    # Box prompts: share of exact boxes, and the noise of the others (input-frame pixels).
+    # The shipped v1 run used no exact boxes and std 0.1 capped at 20 px.
+    tight_box_frac: float = 0.5
+    box_jitter_std: float = 0.05
+    box_jitter_max_px: float = 5.0
+    inbox_weight: float = 1.0  # balanced object/background BCE inside box prompts (0 = v1)
+    things_only: bool = True  # drop semantic stuff classes (CamVid road, sky, ...) from training
+    init_from: str | None = None  # warm start: weights file of the same architecture
+    eval_every_min: float = 10.0
     ckpt_every_min: float = 3.0
     n_synth_val: int = 100
     threads: int | None = None
@@ -128,7 +137,10 @@ class Pretrainer:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.sam = build_sam(cfg.model_config)
+        if cfg.init_from:
+            self._warm_start(cfg.init_from)
         self.sam.train()
+        self.box_recipe = BoxPromptRecipe(cfg.tight_box_frac, cfg.box_jitter_std, cfg.box_jitter_max_px)
         self.transform = SamTransform(cfg.model_config.img_size, cfg.model_config.low_res_size)
         self.opt = torch.optim.AdamW(self.sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
@@ -136,6 +148,15 @@ class Pretrainer:
         self.best_score = -1.0
         self.history: list[dict[str, Any]] = []
         self._load_data()
+
+    def _warm_start(self, ref: str) -> None:
+        from ..zoo import resolve_model
+
+        loaded = resolve_model(ref)
+        if loaded.config.to_json() != self.cfg.model_config.to_json():
+            raise ValueError(f"--init-from {ref}: architecture differs from the one being trained")
+        self.sam.load_state_dict(loaded.sam.state_dict())
+        self.log(f"warm start from {ref}")
 
     # -- data
     def _load_data(self) -> None:
@@ -147,8 +168,8 @@ class Pretrainer:
                 if not (root / name).is_dir():
                     self.log(f"warning: {root / name} not found; skipping")
                     continue
-                train[name] = load_source(root, name, "train")
-                self.val[name] = load_source(root, name, "val")
+                train[name] = load_source(root, name, "train", things_only=self.cfg.things_only)
+                self.val[name] = load_source(root, name, "val", things_only=self.cfg.things_only)
                 self.log(f"source {name}: {len(train[name])} train / {len(self.val[name])} val images")
         self.mixture = DataMixture(self.cfg, train)
         sv = synthetic_validation_set(n=self.cfg.n_synth_val, size=self.cfg.model_config.img_size)
@@ -206,15 +227,16 @@ class Pretrainer:
             res = cfg.loss_resolution
             gts = F.interpolate(gts, (res, res), mode="area")[:, 0] if res != size else gts[:, 0]
             mode = MODES[int(rng.choice(len(MODES), p=MODE_WEIGHTS))]
-            prompts = initial_prompts(masks, mode, rng, self.transform, feats.device)
+            prompts = initial_prompts(masks, mode, rng, self.transform, feats.device, self.box_recipe)
+            inbox = box_regions(prompts.boxes, res, size / res) if prompts.boxes is not None else None
             low_res, iou_pred = decode(sam, feats[i: i + 1], prompts)
-            loss, best, up = mask_losses(low_res, iou_pred, gts)
+            loss, best, up = mask_losses(low_res, iou_pred, gts, inbox, cfg.inbox_weight)
             if mode != "coarse" and rng.random() < cfg.refine_prob:
                 rows = torch.arange(len(best))
                 prev = low_res[rows, best][:, None].detach()
                 prompts = corrective_prompts(prompts, (up > 0).detach(), gts > 0.5, prev, rng, scale=size / res)
                 low_res, iou_pred = decode(sam, feats[i: i + 1], prompts)
-                loss2, _, _ = mask_losses(low_res, iou_pred, gts)
+                loss2, _, _ = mask_losses(low_res, iou_pred, gts, inbox, cfg.inbox_weight)
                 loss = 0.5 * (loss + loss2)
             total = total + loss
         total = total / cfg.batch_size
@@ -237,6 +259,9 @@ class Pretrainer:
         res["synthetic_click"] = evaluate(pred, self.synth_val, PromptSpec("point", n_points=(1, 0)))["miou"]
         for name, samples in self.val.items():
             res[f"{name}_val_box"] = evaluate(pred, samples, PromptSpec("box"))["miou"]
+        # Health: does the model separate the object from the rest of its box? (medians over
+        # the natural validation parts; v1 ended near +0.3 / -0.3)
+        res.update(inbox_logit_health(pred, [smp for v in self.val.values() for smp in v]))
         natural = [res[f"{n}_val_box"] for n in self.val]
         # Natural-image box quality is what the target domains need; synthetic keeps clicks honest.
         res["score"] = float(np.mean(natural + [res["synthetic_box"], res["synthetic_click"]]))
@@ -259,6 +284,8 @@ class Pretrainer:
         last_ckpt = last_eval = time.monotonic()
         t0 = time.monotonic() - self.elapsed
         ema = None
+        if self.step == 0 and cfg.init_from and not self.history:
+            self._validate_and_keep(None)  # the warm start's own point on the learning curve
         try:
             while not cfg.done(self.step, self.elapsed):
                 stats = self.train_step()
@@ -302,6 +329,28 @@ def _config_json(cfg: PretrainConfig) -> dict[str, Any]:
     return d
 
 
+# PretrainConfig field -> `wesam pretrain` flag, for the recipe fields a run may change.
+RECIPE_FLAGS = {
+    "time_budget_min": "--time-budget", "seed": "--seed", "threads": "--threads", "lr": "--lr",
+    "batch_size": "--batch-size", "max_prompts": "--max-prompts", "warmup_steps": "--warmup-steps",
+    "tight_box_frac": "--tight-box-frac", "box_jitter_std": "--box-jitter-std",
+    "box_jitter_max_px": "--box-jitter-max-px", "inbox_weight": "--inbox-weight", "init_from": "--init-from",
+}
+
+
+def reproduce_command(cfg: dict[str, Any]) -> str:
+    """The `wesam pretrain` command line that trains with the recipe ``cfg`` (a config JSON)."""
+    defaults = _config_json(PretrainConfig())
+    parts = ["wesam pretrain --data-root ../shared/data", f"--out {cfg.get('out_dir', 'runs/pretrain-sam-mini')}"]
+    for key, flag in RECIPE_FLAGS.items():
+        value = cfg.get(key)
+        if value is not None and (value != defaults.get(key) or key in ("time_budget_min", "seed")):
+            parts.append(f"{flag} {value}")
+    if not cfg.get("things_only", True):
+        parts.append("--with-stuff")
+    return " ".join(parts) + " --ship models/sam-mini"
+
+
 def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = None) -> dict[str, Any]:
     """Write the best checkpoint of a run as fp16 safetensors + manifest into ``dest_dir``."""
     from ..zoo import load_checkpoint
@@ -321,9 +370,7 @@ def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = Non
         "bytes": weights.stat().st_size,
         "architecture": best.config.to_json(),
         "training": {
-            "command": "wesam pretrain --data-root ../shared/data --out runs/pretrain-sam-mini "
-                       f"--time-budget {cfg['time_budget_min']} --seed {cfg['seed']}"
-                       + (f" --threads {cfg['threads']}" if cfg.get("threads") else "") + " --ship models/sam-mini",
+            "command": reproduce_command(cfg),
             "recipe": {k: v for k, v in cfg.items() if k not in ("out_dir", "data_root", "model_config")},
             "data": {"synthetic": "procedural scenes (adapters/pretrain/synthetic.py), seed-derived stream",
                      "natural_train_splits": list(SOURCE_SETS),
