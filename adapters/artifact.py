@@ -16,22 +16,22 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from segment_anything.modeling import Sam
 
-from .lora import LoraConfig, add_adapter, adapter_state, load_adapter_state
+from wesam.sam.zoo import LoadedModel, sha256_file
+
+from .errors import AdapterError
+from .lora import LoraConfig, add_adapter, adapter_state, delete_adapter, load_adapter_state, merge_and_unload
 from .lora.model import adapter_config
-from .zoo import LoadedModel, sha256_file
+from .ref import AdapterRef
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 
 
-class AdapterError(RuntimeError):
-    """An adapter artifact is missing, malformed, tampered with, or for another base model."""
-
-
 def code_version() -> str:
-    from wesam import __version__
+    from wesam.version import __version__
 
     return __version__
 
@@ -50,8 +50,8 @@ class AdapterArtifact:
         return self.meta.get("version")
 
     @property
-    def ref(self) -> str:
-        return f"{self.domain}@v{self.version}" if self.version else self.domain
+    def ref(self) -> AdapterRef:
+        return AdapterRef(self.domain, self.version or None)
 
     @property
     def lora(self) -> LoraConfig:
@@ -116,7 +116,7 @@ def verify_artifact(art: AdapterArtifact, base: LoadedModel | None = None) -> di
     if base is not None and art.base_sha256 != base.sha256:
         problems.append(f"base model mismatch: adapter made for {art.meta['base_model'].get('name')} "
                         f"sha256 {art.base_sha256}, loaded {base.name} sha256 {base.sha256}")
-    return {"adapter": art.ref, "path": str(art.path), "ok": not problems, "problems": problems}
+    return {"adapter": str(art.ref), "path": str(art.path), "ok": not problems, "problems": problems}
 
 
 def attach_adapter(model: LoadedModel, art: AdapterArtifact, name: str | None = None) -> str:
@@ -124,13 +124,26 @@ def attach_adapter(model: LoadedModel, art: AdapterArtifact, name: str | None = 
     report = verify_artifact(art, model)
     if not report["ok"]:
         raise AdapterError(f"refusing adapter {art.path}: " + "; ".join(report["problems"]))
-    name = name or art.ref.replace(".", "_")
+    name = name or str(art.ref).replace(".", "_")
     add_adapter(model.sam, name, art.lora)
     try:
         load_adapter_state(model.sam, name, load_file(str(art.path / WEIGHTS_FILE)))
     except Exception as e:
-        from .lora import delete_adapter
-
         delete_adapter(model.sam, name)
         raise AdapterError(f"adapter {art.path}: {e}") from e
     return name
+
+
+def merged_sam(model: LoadedModel, artifact: AdapterArtifact | None = None) -> Sam:
+    """A plain ``Sam`` equal to ``model`` with ``artifact`` merged (the base model without one).
+
+    The artifact is verified against the base (hashes) on attach, merged with
+    :func:`~wesam.adapters.lora.merge_and_unload`, and detached again: ``model`` is unchanged.
+    """
+    if artifact is None:
+        return merge_and_unload(model.sam, model.config)
+    name = attach_adapter(model, artifact)
+    try:
+        return merge_and_unload(model.sam, model.config, name)
+    finally:
+        delete_adapter(model.sam, name)

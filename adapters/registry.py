@@ -14,31 +14,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .artifact import META_FILE, AdapterArtifact, AdapterError, read_artifact
+from .artifact import META_FILE, AdapterArtifact, read_artifact
+from .errors import AdapterError
+from .ref import DOMAIN_PATTERN, VERSION_PATTERN, AdapterRef
 
-_VERSION = re.compile(r"^v(\d+)$")
-_DOMAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ROUTING_FILE = "routing.json"
 
 
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """"polyp" -> ("polyp", None); "polyp@v3" -> ("polyp", 3)."""
-    domain, _, ver = ref.partition("@")
-    if not _DOMAIN.match(domain):
-        raise AdapterError(f"invalid domain name {domain!r} (letters, digits, '-', '_')")
-    if not ver:
-        return domain, None
-    m = _VERSION.match(ver)
-    if not m:
-        raise AdapterError(f"invalid version {ver!r} in {ref!r}; expected vN, e.g. {domain}@v1")
-    return domain, int(m.group(1))
+def parse_ref(ref: str | AdapterRef) -> AdapterRef:
+    """``"polyp"`` / ``"polyp@v3"`` (or an :class:`AdapterRef`) -> :class:`AdapterRef`."""
+    return ref if isinstance(ref, AdapterRef) else AdapterRef.parse(ref)
 
 
 class Registry:
@@ -48,7 +39,7 @@ class Registry:
     def domains(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and _DOMAIN.match(d.name)
+        return sorted(d.name for d in self.root.iterdir() if d.is_dir() and DOMAIN_PATTERN.match(d.name)
                       and self.versions(d.name))
 
     def versions(self, domain: str) -> list[int]:
@@ -57,7 +48,7 @@ class Registry:
             return []
         out = []
         for v in d.iterdir():
-            m = _VERSION.match(v.name)
+            m = VERSION_PATTERN.match(v.name)
             if m and (v / META_FILE).is_file():
                 out.append(int(m.group(1)))
         return sorted(out)
@@ -65,24 +56,24 @@ class Registry:
     def path(self, domain: str, version: int) -> Path:
         return self.root / domain / f"v{version}"
 
-    def resolve(self, ref: str) -> AdapterArtifact:
+    def resolve(self, ref: str | AdapterRef) -> AdapterArtifact:
         """``DOMAIN[@vN]`` -> artifact; without a version, the newest one."""
-        domain, version = parse_ref(ref)
-        versions = self.versions(domain)
+        ref = parse_ref(ref)
+        versions = self.versions(ref.domain)
         if not versions:
-            raise AdapterError(f"no adapter for domain {domain!r} in registry {self.root}")
-        if version is None:
-            version = versions[-1]
-        elif version not in versions:
-            raise AdapterError(f"{domain}@v{version} not in registry {self.root}; versions: "
+            raise AdapterError(f"no adapter for domain {ref.domain!r} in registry {self.root}")
+        if ref.version is None:
+            ref = ref.at(versions[-1])
+        elif ref.version not in versions:
+            raise AdapterError(f"{ref} not in registry {self.root}; versions: "
                                + ", ".join(f"v{v}" for v in versions))
-        return read_artifact(self.path(domain, version))
+        return read_artifact(self.path(ref.domain, ref.version))
 
     # -- publishing
     @contextmanager
     def staging(self, domain: str) -> Iterator[Path]:
         """A private directory to write a new version into; published only if the block succeeds."""
-        parse_ref(domain)
+        AdapterRef(domain)  # validates the name before anything touches the disk
         tmp = self.root / domain / f".staging-{uuid.uuid4().hex}"
         tmp.mkdir(parents=True)
         try:
@@ -126,10 +117,11 @@ class Registry:
         return versions[-1] if versions else None
 
     def activate(self, domain: str, version: int) -> None:
+        ref = AdapterRef(domain, version)
         if version not in self.versions(domain):
-            raise AdapterError(f"{domain}@v{version} not in registry {self.root}")
+            raise AdapterError(f"{ref} not in registry {self.root}")
         routing = self.routing()
-        routing[domain] = f"v{version}"
+        routing[domain] = ref.version_dir
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.root / ROUTING_FILE, json.dumps(routing, indent=2, sort_keys=True) + "\n")
 

@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from adapters.adapt.trainer import AdaptConfig, Adapter
-from adapters.data import FolderDataset
-from adapters.data.corruptions import corrupt
-from adapters.data.folder import read_image_rgb
-from adapters.evaluate import PromptSpec, evaluate
-from adapters.lora import use_adapter
-from adapters.predictor import SamPredictorCore
-from adapters.zoo import resolve_model
+from wesam.adapters.adapt.trainer import AdaptConfig, AdaptationTrainer
+from wesam.data import FolderDataset
+from wesam.data.corruptions import corrupt
+from wesam.data.folder import read_image_rgb
+from wesam.evaluation.evaluate import PromptSpec, evaluate
+from wesam.adapters.lora import use_adapter
+from wesam.sam.predictor import SamPredictorCore
+from wesam.sam.zoo import resolve_model
 
 from .results import machine, write_section
 
@@ -106,7 +106,7 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
         cfg = AdaptConfig(data=str(data), domain=target.replace("_", "-"), model=model, prompt=prompt,
                           method=row.method, steps=steps, lr=lr, seed=seed, registry=None, skip_bad=True,
                           work_dir=str(work / f"{target}-{prompt}-{row.name.replace(' ', '_')}"), **row.extra)
-        a = Adapter(cfg, log=lambda *_: None)
+        a = AdaptationTrainer(cfg, log=lambda *_: None)
         summary = a.run(publish=False)
         with use_adapter(a.sam, "train"):
             res = evaluate(SamPredictorCore(a.sam), test, spec)

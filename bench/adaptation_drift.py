@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.adapt.trainer import ADAPTER, AdaptConfig, Adapter
-from adapters.data.weak import derive_weak_labels
-from adapters.evaluate import PromptSpec, predict_instances, prompts_from_weak
-from adapters.lora import load_adapter_state, use_adapter
-from adapters.metrics import iou_f1
-from adapters.predictor import SamPredictorCore
+from wesam.adapters.adapt.trainer import ADAPTER, AdaptConfig, AdaptationTrainer
+from wesam.data.weak import derive_weak_labels
+from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
+from wesam.adapters.lora import load_adapter_state, use_adapter
+from wesam.evaluation.metrics import iou_f1
+from wesam.sam.predictor import SamPredictorCore
 
 
-def area_stats(adapter: Adapter, which: str | None) -> dict[str, float]:
+def area_stats(adapter: AdaptationTrainer, which: str | None) -> dict[str, float]:
     """Per-instance predicted/true area ratios and IoU on ``adapter.val`` with LoRA ``which`` (None = off)."""
     cfg = adapter.cfg
     spec = PromptSpec(cfg.prompt, n_points=cfg.n_points, seed=cfg.seed)  # as the run's own validation
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = AdaptConfig(data=args.data, domain="drift", model=args.model, prompt=args.prompt, method=args.method,
                       seed=args.seed, registry=None, skip_bad=True, work_dir=args.work_dir)
-    a = Adapter(cfg, log=lambda *_: None)
+    a = AdaptationTrainer(cfg, log=lambda *_: None)
     if not a.ckpt_path.is_file():
         p.error(f"no checkpoint in {args.work_dir}")
     state = torch.load(a.ckpt_path, map_location="cpu", weights_only=True)

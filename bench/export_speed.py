@@ -6,9 +6,9 @@ graphs, on identical inputs, with the same number of CPU threads. The decoder is
 few prompt counts N (box prompts) with masks upscaled to a 3:4 image of the model's input size.
 
 Usage:
-    python bench/export_speed.py                       # sam-mini, exports to a temp dir
-    python bench/export_speed.py --model vit_b --checkpoint sam_vit_b_01ec64.pth --json out.json
-    python bench/export_speed.py --onnx exports/sam-mini   # reuse an export (its base encoder)
+    wesam bench export                                 # sam-mini, exports to a temp dir
+    wesam bench export --model vit_b --checkpoint sam_vit_b_01ec64.pth --json out.json
+    wesam bench export --onnx exports/sam-mini   # reuse an export (its base encoder)
 """
 
 from __future__ import annotations
@@ -23,12 +23,11 @@ import time
 from typing import Any, Callable
 
 # Runnable as a plain script from anywhere: make the repo root importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from export.errors import ExportError  # noqa: E402
+from wesam.export.errors import ExportError
 
 
 def _time(fn: Callable[[], Any], iters: int, warmup: int) -> dict[str, float]:
@@ -52,12 +51,12 @@ def _row(torch_t: dict[str, float], ort_t: dict[str, float], **extra: Any) -> di
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from export.bundle import BASE_DOMAIN, export_onnx, read_export
-    from export.common import load_model
-    from export.onnx_graphs import DecoderGraph, EncoderGraph
-    from export.prompts import decoder_feeds
-    from export.runtime import make_session
-    from adapters.predictor import Prompts
+    from wesam.export.bundle import BASE_DOMAIN, export_onnx, read_export
+    from wesam.export.common import load_model
+    from wesam.export.onnx_graphs import DecoderGraph, EncoderGraph
+    from wesam.export.prompts import decoder_feeds
+    from wesam.export.runtime import make_session
+    from wesam.sam.predictor import Prompts
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -138,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.iters < 1 or args.batch < 1 or args.warmup < 0:
         p.error("--iters and --batch must be >= 1, --warmup >= 0")
 
-    from adapters.artifact import AdapterError
-    from adapters.zoo import ModelLoadError
+    from wesam.adapters.artifact import AdapterError
+    from wesam.sam.zoo import ModelLoadError
 
     try:
         result = run(args)
@@ -152,14 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args.json).write_text(text + "\n")
     print(text)
     if not args.no_results:
-        from bench.results import write_section
+        from wesam.bench.results import write_section
 
         write_section("export", to_markdown(result, "wesam bench export " + " ".join(argv or sys.argv[1:])))
     return 0
 
 
 def to_markdown(res: dict[str, Any], command: str) -> str:
-    from bench.results import machine
+    from wesam.bench.results import machine
 
     lines = ["## Export: ONNX Runtime (CPU) vs PyTorch eager", "",
              f"Model `{res['model']}` ({res['img_size']} px), {res['threads']} threads, median of {res['iters']} "

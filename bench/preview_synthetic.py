@@ -1,7 +1,7 @@
 """Save a grid of synthetic pretraining scenes with their instance masks, for eyeballing.
 
 Each tile pairs the image with coloured mask outlines (left) and the instance map (right;
-black = background). Usage: python bench/preview_synthetic.py --out /tmp/synthetic_preview.png
+black = background). Usage: python -m wesam.bench.preview_synthetic --out /tmp/synthetic_preview.png
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ import cv2
 import numpy as np
 
 # Runnable as a plain script from anywhere: make the repo root importable.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from adapters.pretrain.synthetic import SyntheticScenes  # noqa: E402
+from wesam.pretrain.synthetic import SyntheticScenes
 
 
 def _palette(n: int) -> np.ndarray:

@@ -32,9 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -91,10 +90,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import httpx
     import torch
 
-    from adapters.predictor import Prompts, SamPredictorCore
-    from adapters.zoo import resolve_model
-    from service.config import ServeConfig
-    from service.launch import ServerProcess
+    from wesam.sam.predictor import Prompts, SamPredictorCore
+    from wesam.sam.zoo import resolve_model
+    from wesam.service.config import ServeConfig
+    from wesam.service.launch import ServerProcess
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -196,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any], concurrency: int) -> str:
-    from bench.results import machine
+    from wesam.bench.results import machine
 
     many = result[f"throughput_{concurrency}_clients"]
     rows = [
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.warmup < 0 or args.concurrency < 2:
         p.error("--requests must be >= 1, --warmup >= 0, --concurrency >= 2")
 
-    from adapters.zoo import ModelLoadError
+    from wesam.sam.zoo import ModelLoadError
 
     try:
         result = run(args)
@@ -276,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_results:
-        from bench.results import write_section
+        from wesam.bench.results import write_section
 
         write_section("serve", md)
     return 0

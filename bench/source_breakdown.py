@@ -15,11 +15,11 @@ import cv2
 import numpy as np
 import torch
 
-from adapters.data.weak import boxes_from_masks
-from adapters.metrics import iou_f1
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.pretrain.synthetic import synthetic_validation_set
-from adapters.zoo import resolve_model
+from wesam.data.weak import boxes_from_masks
+from wesam.evaluation.metrics import iou_f1
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.pretrain.synthetic import synthetic_validation_set
+from wesam.sam.zoo import resolve_model
 
 GROUPS = {
     "visible area (fraction of image)": ("area", [(0, 0.01), (0.01, 0.03), (0.03, 0.1), (0.1, 1.0)]),

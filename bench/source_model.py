@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.data import FolderDataset
-from adapters.evaluate import PromptSpec, evaluate
-from adapters.pretrain.sources import SourceImage
-from adapters.pretrain.synthetic import synthetic_validation_set
-from adapters.predictor import SamPredictorCore
-from adapters.zoo import resolve_model
+from wesam.data import FolderDataset
+from wesam.evaluation.evaluate import PromptSpec, evaluate
+from wesam.pretrain.sources import SourceImage
+from wesam.pretrain.synthetic import synthetic_validation_set
+from wesam.sam.predictor import SamPredictorCore
+from wesam.sam.zoo import resolve_model
 
 from .results import machine, write_section
 

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, read_artifact
-from adapters.transforms import PIXEL_MEAN, PIXEL_STD
-from adapters.zoo import LoadedModel, sha256_file
+from wesam.adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, read_artifact
+from wesam.sam.transforms import PIXEL_MEAN, PIXEL_STD
+from wesam.sam.zoo import LoadedModel, sha256_file
 
 from .common import ExportError, progress, read_json, staged_output, utc_now, wesam_version, write_json
-from .merged import plain_sam
+from wesam.adapters.artifact import merged_sam
 from .errors import DEFAULT_OPSET
 from .onnx_graphs import NUM_MASK_OUTPUTS, export_decoder, export_encoder
 
@@ -121,7 +121,7 @@ def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir
     with staged_output(out, EXPORT_FILE, "wesam ONNX export") as staging:
         encoders: dict[str, Any] = {}
         for domain, art in domains.items():
-            sam = plain_sam(model, art)
+            sam = merged_sam(model, art)
             info = export_encoder(sam, staging / encoder_file(domain), opset=opset, simplify=simplify,
                                   label=f"encoder {domain}")
             del sam
@@ -132,7 +132,7 @@ def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir
                 copy = Path("adapters") / domain
                 shutil.copytree(art.path, staging / copy)
                 entry["adapter"] = {
-                    "ref": art.ref, "domain": art.domain, "version": art.version,
+                    "ref": str(art.ref), "domain": art.domain, "version": art.version,
                     "sha256": art.meta["files"][WEIGHTS_FILE],
                     "adapter_json_sha256": sha256_file(art.path / META_FILE),
                     "lora": art.meta["lora"], "source": str(art.path.resolve()), "copy": str(copy),

@@ -21,11 +21,11 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from adapters.artifact import attach_adapter
-from adapters.lora import delete_adapter, set_adapter
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.transforms import SamTransform
-from adapters.zoo import ZOO, LoadedModel
+from wesam.adapters.artifact import attach_adapter
+from wesam.adapters.lora import delete_adapter, set_adapter
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.sam.transforms import SamTransform
+from wesam.sam.zoo import ZOO, LoadedModel
 
 from .bundle import ExportBundle
 from .common import ExportError, load_model, progress
@@ -208,7 +208,7 @@ def _check(bundle: ExportBundle, model: LoadedModel, domains: list[str], min_iou
             if name is not None:
                 delete_adapter(model.sam, name)
         report["domains"][domain] = {
-            "adapter": art.ref if art is not None else None,
+            "adapter": str(art.ref) if art is not None else None,
             "encoder_max_abs_diff": enc_diff,
             "encoder_finite": bool(enc_finite),
             "mask_iou_min": min(c["mask_iou"] for c in cases),

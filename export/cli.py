@@ -1,6 +1,6 @@
 """``wesam export ...``: merged weights, ONNX graphs, parity check, TensorRT engines, Triton repository.
 
-Wire into the main parser with ``add_export_parser(sub)``; standalone: ``python -m export.cli``.
+Wire into the main parser with ``add_export_parser(sub)``; standalone: ``python -m wesam.export.cli``.
 Every handler returns an exit code: 0 success, 1 a check that ran and failed, 2 a user error
 (printed as ``error: ...`` on stderr). Results are JSON on stdout; progress goes to stderr.
 """
@@ -209,7 +209,7 @@ def add_export_parser(subparsers: "argparse._SubParsersAction") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m export.cli export onnx ...``."""
+    """Standalone entry point: ``python -m wesam.export.cli export onnx ...``."""
     parser = argparse.ArgumentParser(prog="wesam")
     sub = parser.add_subparsers(dest="command", required=True)
     add_export_parser(sub)

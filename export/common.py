@@ -13,9 +13,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from adapters.artifact import AdapterArtifact, AdapterError, read_artifact
-from adapters.registry import Registry
-from adapters.zoo import LoadedModel, ModelLoadError, resolve_model
+from wesam.adapters.artifact import AdapterArtifact, AdapterError, read_artifact
+from wesam.adapters.registry import Registry
+from wesam.sam.zoo import LoadedModel, ModelLoadError, resolve_model
 
 from .errors import ExportError
 
@@ -30,7 +30,7 @@ def progress(message: str) -> None:
 
 
 def wesam_version() -> str:
-    from wesam import __version__
+    from wesam.version import __version__
 
     return __version__
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adapters.predictor import Prompts
+from wesam.sam.predictor import Prompts
 
 PAD_LABEL = -1.0
 BOX_LABELS = (2.0, 3.0)

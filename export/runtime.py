@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from adapters.predictor import ImageEmbedding, Prediction, Prompts
-from adapters.transforms import SamTransform
+from wesam.sam.predictor import ImageEmbedding, Prediction, Prompts
+from wesam.sam.transforms import SamTransform
 
 from .prompts import decoder_feeds
 

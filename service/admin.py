@@ -52,7 +52,7 @@ def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any =
     from fastapi import FastAPI, Header
     from fastapi.responses import JSONResponse
 
-    from wesam import __version__
+    from wesam.version import __version__
 
     app = FastAPI(title="wesam adapters", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
 

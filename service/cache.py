@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from adapters.predictor import ImageEmbedding
+from wesam.sam.predictor import ImageEmbedding
 
 
 @dataclass

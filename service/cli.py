@@ -1,7 +1,7 @@
 """``wesam serve``: run the BentoML HTTP service (and the KServe-v2 gRPC endpoint) for a model.
 
 The command turns its flags into ``WESAM_SERVE_*`` variables (flags win over variables already
-set) and runs ``bentoml serve service.service:Segmenter`` with them, so ``bentoml serve`` and
+set) and runs ``bentoml serve wesam.service.service:Segmenter`` with them, so ``bentoml serve`` and
 containers built from ``bentofile.yaml`` configure the same way. The gRPC endpoint runs inside the
 model-runtime process (see ``service/grpc_server.py``), so one command starts both.
 """
@@ -17,10 +17,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wesam import version as wesam_version_module
+
 from .config import PREFIX, RUNTIMES, ConfigError, ServeConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SERVICE = "service.service:Segmenter"
+# BentoML imports the service from its working directory: the folder holding the `wesam` package
+# that is imported here (the repository for an editable install, site-packages otherwise).
+PACKAGE_ROOT = Path(wesam_version_module.__file__).resolve().parents[1]
+SERVICE = "wesam.service.service:Segmenter"
 
 
 def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
@@ -52,7 +56,7 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
 
 def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None) -> ServeConfig:
     """``ServeConfig`` from the environment, overridden by the flags; paths made absolute (workers
-    run with the repository as working directory)."""
+    run in another working directory)."""
     config = ServeConfig.from_env(os.environ if env is None else env)
     over: dict[str, Any] = {}
     for flag, name in (("model", "model"), ("checkpoint", "checkpoint"), ("registry", "registry"),
@@ -91,7 +95,7 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
 
 def check_model(config: ServeConfig) -> None:
     """Fail fast (before starting servers) when the weights cannot be found; no weights are read."""
-    from adapters.zoo import CHECKPOINT_DIR_ENV, ZOO, ModelLoadError, models_dir
+    from wesam.sam.zoo import CHECKPOINT_DIR_ENV, ZOO, ModelLoadError, models_dir
 
     spec = next((s for s in ZOO.values() if config.model == s.name or config.model in s.aliases), None)
     if spec is None:
@@ -120,14 +124,14 @@ def serve_command(config: ServeConfig, host: str, port: int,
     env.update(config.to_env())
     env.setdefault("BENTOML_DO_NOT_TRACK", "True")  # no usage analytics calls from a serving host
     cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", host, "--port", str(port),
-           "--working-dir", str(REPO_ROOT)]
+           "--working-dir", str(PACKAGE_ROOT)]
     if development:
         cmd.append("--development")
     return cmd, env
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from adapters.zoo import ModelLoadError
+    from wesam.sam.zoo import ModelLoadError
 
     try:
         config = config_from_args(args)

@@ -12,13 +12,14 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
+from wesam.errors import ConfigError  # noqa: F401  (serving config errors are wesam config errors)
+
+
 PREFIX = "WESAM_SERVE_"
 RUNTIMES = ("torch", "onnx")
 BASE = "base"  # the domain name that means "no adapter" (also used by export bundles)
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or malformed."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from adapters.predictor import ImageEmbedding, Prompts
+from wesam.sam.predictor import ImageEmbedding, Prompts
 
 from . import codec
 from .cache import CacheEntry, EmbeddingCache
@@ -62,7 +62,7 @@ class SegmentEngine:
         """Load the base model, the runtime and every active adapter (the slow part of startup)."""
         import torch
 
-        from adapters.zoo import resolve_model
+        from wesam.sam.zoo import resolve_model
 
         from .runtime import make_runtime
 

@@ -191,7 +191,7 @@ def _servicer_class():
     from tritonclient.grpc import service_pb2 as pb
     from tritonclient.grpc import service_pb2_grpc as pbg
 
-    from wesam import __version__
+    from wesam.version import __version__
 
     class KServeServicer(pbg.GRPCInferenceServiceServicer):
         def __init__(self, engine: Any, config: ServeConfig, metrics: Any = None) -> None:

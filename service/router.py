@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from adapters.registry import ROUTING_FILE, Registry
+from wesam.adapters.registry import ROUTING_FILE, Registry
 
 from .config import BASE
 from .errors import AdapterUnavailable, UnknownDomain
@@ -149,7 +149,7 @@ class AdapterRouter:
             return report
 
     def _load(self, domain: str, version: int, current: Slot | None, report: dict[str, Any]) -> None:
-        from adapters.artifact import WEIGHTS_FILE
+        from wesam.adapters.artifact import WEIGHTS_FILE
 
         ref = f"{domain}@v{version}"
         try:
@@ -203,7 +203,7 @@ def activate_checked(router: AdapterRouter, domain: str, version: int) -> dict[s
     The routing file is written (atomically, by the registry) after the new version is loaded, so a
     broken version is never made active and no replica is asked to serve it.
     """
-    from adapters.artifact import WEIGHTS_FILE, AdapterError
+    from wesam.adapters.artifact import WEIGHTS_FILE, AdapterError
 
     from .errors import ServiceError
 

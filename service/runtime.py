@@ -2,7 +2,7 @@
 
 ``TorchRuntime`` keeps one resident base model; LoRA adapters are attached to it unmerged and
 switched per encoder call (``use_adapter``), or, for domains configured as hot, run from a merged
-copy (``export.merged.plain_sam``: zero LoRA overhead, one model copy each). ``OnnxRuntime`` runs
+copy (``wesam.adapters.artifact.merged_sam``: zero LoRA overhead, one model copy each). ``OnnxRuntime`` runs
 ONNX Runtime sessions: one merged encoder graph per adapter version (exported on first use into a
 cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph.
 
@@ -23,10 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from adapters.artifact import AdapterArtifact, attach_adapter
-from adapters.lora import delete_adapter, use_adapter
-from adapters.predictor import ImageEmbedding, Prediction, Prompts, SamPredictorCore
-from adapters.zoo import LoadedModel
+from wesam.adapters.artifact import AdapterArtifact, attach_adapter
+from wesam.adapters.lora import delete_adapter, use_adapter
+from wesam.sam.predictor import ImageEmbedding, Prediction, Prompts, SamPredictorCore
+from wesam.sam.zoo import LoadedModel
 
 log = logging.getLogger("wesam.service")
 
@@ -61,12 +61,12 @@ class TorchRuntime:
     def load_adapter(self, art: AdapterArtifact, merged: bool = False) -> AdapterHandle:
         """Verify (hashes, base model) and load; raises ``AdapterError`` for a bad artifact."""
         if merged:
-            from export.merged import plain_sam
+            from wesam.adapters.artifact import merged_sam
 
-            sam = plain_sam(self.model, art)  # verifies, merges, copies out, restores the base
-            return AdapterHandle(art.ref, merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
+            sam = merged_sam(self.model, art)  # verifies, merges, copies out, restores the base
+            return AdapterHandle(str(art.ref), merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
         name = attach_adapter(self.model, art)
-        return AdapterHandle(art.ref, name=name)
+        return AdapterHandle(str(art.ref), name=name)
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         if handle.name is not None:
@@ -95,7 +95,7 @@ class OnnxRuntime:
 
     def __init__(self, model: LoadedModel, cache_dir: str | os.PathLike | None = None, *,
                  providers: Sequence[str] | None = None, threads: int | None = None, simplify: bool = True) -> None:
-        from export.runtime import DEFAULT_PROVIDERS, OnnxSamPredictor
+        from wesam.export.runtime import DEFAULT_PROVIDERS, OnnxSamPredictor
 
         self.model = model
         self.providers = tuple(providers or DEFAULT_PROVIDERS)
@@ -119,9 +119,9 @@ class OnnxRuntime:
         Written into a staging directory and renamed into place, so a crash or a second process
         exporting the same graphs never leaves a half-written directory behind.
         """
-        from adapters.artifact import WEIGHTS_FILE
-        from export.merged import plain_sam
-        from export.onnx_graphs import export_decoder, export_encoder
+        from wesam.adapters.artifact import WEIGHTS_FILE
+        from wesam.adapters.artifact import merged_sam
+        from wesam.export.onnx_graphs import export_decoder, export_encoder
 
         name = key if art is None else f"{art.domain}-v{art.version}-{art.meta['files'][WEIGHTS_FILE][:16]}"
         final = self.cache_dir / name
@@ -129,7 +129,7 @@ class OnnxRuntime:
             return final
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
         try:
-            sam = plain_sam(self.model, art)  # verifies the adapter against the base model
+            sam = merged_sam(self.model, art)  # verifies the adapter against the base model
             export_encoder(sam, staging / "encoder.onnx", simplify=self.simplify, label=f"encoder {name}")
             if art is None:
                 export_decoder(sam, staging / "decoder.onnx", simplify=self.simplify)
@@ -144,15 +144,15 @@ class OnnxRuntime:
         return final
 
     def load_adapter(self, art: AdapterArtifact, merged: bool = False) -> AdapterHandle:
-        from adapters.artifact import AdapterError, verify_artifact
-        from export.runtime import make_session
+        from wesam.adapters.artifact import AdapterError, verify_artifact
+        from wesam.export.runtime import make_session
 
         report = verify_artifact(art, self.model)
         if not report["ok"]:
             raise AdapterError(f"refusing adapter {art.path}: " + "; ".join(report["problems"]))
         path = self._graphs("", art) / "encoder.onnx"
         # ONNX graphs are merged by construction; ``merged`` changes nothing here.
-        return AdapterHandle(art.ref, merged=True, state={"session": make_session(path, self.providers, self.threads)})
+        return AdapterHandle(str(art.ref), merged=True, state={"session": make_session(path, self.providers, self.threads)})
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         handle.state.clear()

@@ -10,7 +10,7 @@ it by adapter.
 
 Both classes are thin: the work is in ``service.front.Frontend`` and ``service.engine.SegmentEngine``.
 Configuration: ``WESAM_SERVE_*`` environment variables (``service.config``), read at import.
-Run: ``wesam serve`` or ``bentoml serve service.service:Segmenter``.
+Run: ``wesam serve`` or ``bentoml serve wesam.service.service:Segmenter``.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import bentoml
 from pydantic import PrivateAttr
 
-from service.config import ServeConfig
-from service.errors import ServiceError
-from service.messages import InferItem, InferResult
-from service.requests import FORM_TYPES, read_fields
-from service.schemas import EmbedRequest, EmbedResponse, SegmentRequest, SegmentResponse
+from wesam.service.config import ServeConfig
+from wesam.service.errors import ServiceError
+from wesam.service.messages import InferItem, InferResult
+from wesam.service.requests import FORM_TYPES, read_fields
+from wesam.service.schemas import EmbedRequest, EmbedResponse, SegmentRequest, SegmentResponse
 
 CONFIG = ServeConfig.from_env()
 log = logging.getLogger("wesam.service")
@@ -75,15 +75,15 @@ class SamRuntime:
     """The model process: base model, adapters, embedding cache; also hosts the gRPC endpoint."""
 
     def __init__(self) -> None:
-        from service.engine import SegmentEngine
-        from service.metrics import get_metrics
+        from wesam.service.engine import SegmentEngine
+        from wesam.service.metrics import get_metrics
 
         self.metrics = get_metrics()
         self.engine = SegmentEngine.from_config(CONFIG, self.metrics)
         self.engine.start_watcher()
         self.grpc = None
         if CONFIG.grpc_port:
-            from service.grpc_server import start_grpc_server
+            from wesam.service.grpc_server import start_grpc_server
 
             self.grpc = start_grpc_server(self.engine, CONFIG, self.metrics)
 
@@ -149,7 +149,7 @@ class _RuntimeClient:
 
 
 def _admin_app():
-    from service.admin import make_admin_app
+    from wesam.service.admin import make_admin_app
 
     def runtime() -> _RuntimeClient:
         return bentoml.get_current_service().client
@@ -170,8 +170,8 @@ class Segmenter:
     runtime = bentoml.depends(SamRuntime)
 
     def __init__(self) -> None:
-        from service.front import Frontend
-        from service.metrics import get_metrics
+        from wesam.service.front import Frontend
+        from wesam.service.metrics import get_metrics
 
         self.client = _RuntimeClient(self.runtime)
         self.front = Frontend(CONFIG, self.client, get_metrics())

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.artifact import save_adapter
-from adapters.lora import LoraConfig, add_adapter, delete_adapter, lora_layers
-from adapters.registry import Registry
-from adapters.zoo import LoadedModel, resolve_model, save_safetensors
+from wesam.adapters.artifact import save_adapter
+from wesam.adapters.lora import LoraConfig, add_adapter, delete_adapter, lora_layers
+from wesam.adapters.registry import Registry
+from wesam.sam.zoo import LoadedModel, resolve_model, save_safetensors
 
 
 def make_base(directory: Path) -> Path:
@@ -66,8 +66,8 @@ def encode(image: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def reference_model(base_path: Path, registry: Path | None = None, ref: str | None = None) -> LoadedModel:
     """A fresh in-process model, with adapter ``ref`` attached and active when given."""
-    from adapters.artifact import attach_adapter
-    from adapters.lora import set_adapter
+    from wesam.adapters.artifact import attach_adapter
+    from wesam.adapters.lora import set_adapter
 
     model = resolve_model(str(base_path))
     if ref is not None:

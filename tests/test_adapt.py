@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.adapt import losses as L
-from adapters.adapt.trainer import ADAPTER, AdaptConfig, Adapter
-from adapters.adapt.views import flip_view, strong_photometric
-from adapters.data.weak import derive_weak_labels
-from adapters.lora import adapter_state
-from adapters.registry import Registry
-from adapters.zoo import resolve_model, save_safetensors
+from wesam.adapters.adapt import losses as L
+from wesam.adapters.adapt.trainer import ADAPTER, AdaptConfig, AdaptationTrainer
+from wesam.adapters.adapt.views import flip_view, strong_photometric
+from wesam.data.weak import derive_weak_labels
+from wesam.adapters.lora import adapter_state
+from wesam.adapters.registry import Registry
+from wesam.sam.zoo import resolve_model, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,7 @@ def _cfg(setup, **kw) -> AdaptConfig:
 
 def test_teacher_gradient_paths(setup) -> None:
     """§2: pseudo-label terms give the teacher no gradient; anchor and contrast terms do."""
-    a = Adapter(_cfg(setup, method="wesam"), log=lambda *_: None)
+    a = AdaptationTrainer(_cfg(setup, method="wesam"), log=lambda *_: None)
     rng = np.random.default_rng(0)
     weak, strong = a._view(a.train[0], rng)
     e_a = a.anchor.image_encoder(weak.image[None]).detach()
@@ -201,7 +201,7 @@ def test_teacher_gradient_paths(setup) -> None:
 @pytest.mark.parametrize("method,prompt", [("self-training", "box"), ("anchor", "point"), ("wesam", "coarse"),
                                            ("wesam+", "box"), ("wesam+", "point"), ("oracle", "box")])
 def test_every_method_trains_lora_only(setup, method, prompt) -> None:
-    a = Adapter(_cfg(setup, method=method, prompt=prompt), log=lambda *_: None)
+    a = AdaptationTrainer(_cfg(setup, method=method, prompt=prompt), log=lambda *_: None)
     before = {k: v.clone() for k, v in a.sam.state_dict().items()}
     terms = a.train_step()
     assert math.isfinite(terms["loss"])
@@ -211,7 +211,7 @@ def test_every_method_trains_lora_only(setup, method, prompt) -> None:
 
 
 def test_pairwise_term_is_used_with_boxes(setup) -> None:
-    a = Adapter(_cfg(setup, method="wesam+", prompt="box", pairwise=True), log=lambda *_: None)
+    a = AdaptationTrainer(_cfg(setup, method="wesam+", prompt="box", pairwise=True), log=lambda *_: None)
     terms = a.train_step()
     assert terms["pairwise"] > 0 and math.isfinite(terms["loss"])
 
@@ -220,25 +220,25 @@ def test_deterministic_and_resume_equivalent(setup) -> None:
     def state(adapter):
         return {k: v.clone() for k, v in adapter_state(adapter.sam, ADAPTER).items()}
 
-    straight = Adapter(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
+    straight = AdaptationTrainer(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
     straight.run(publish=False)
-    again = Adapter(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
+    again = AdaptationTrainer(_cfg(setup, steps=4, method="wesam+"), log=lambda *_: None)
     again.run(publish=False)
     ck = torch.load(straight.ckpt_path, weights_only=True)["adapter"]
     ck2 = torch.load(again.ckpt_path, weights_only=True)["adapter"]
     assert all(torch.equal(ck[k], ck2[k]) for k in ck)
 
     work = str(setup[0] / "resume-work")
-    first = Adapter(_cfg(setup, steps=2, method="wesam+", work_dir=work), log=lambda *_: None)
+    first = AdaptationTrainer(_cfg(setup, steps=2, method="wesam+", work_dir=work), log=lambda *_: None)
     first.run(publish=False)
-    resumed = Adapter(_cfg(setup, steps=4, method="wesam+", work_dir=work), log=lambda *_: None)
+    resumed = AdaptationTrainer(_cfg(setup, steps=4, method="wesam+", work_dir=work), log=lambda *_: None)
     assert resumed.resume() and resumed.step == 2
     resumed.run(resume=False, publish=False)
     ck3 = torch.load(resumed.ckpt_path, weights_only=True)["adapter"]
     for k in ck:
         torch.testing.assert_close(ck3[k], ck[k], atol=1e-6, rtol=1e-5)
 
-    other = Adapter(_cfg(setup, steps=4, method="wesam+", seed=1), log=lambda *_: None)
+    other = AdaptationTrainer(_cfg(setup, steps=4, method="wesam+", seed=1), log=lambda *_: None)
     other.run(publish=False)
     ck4 = torch.load(other.ckpt_path, weights_only=True)["adapter"]
     assert any(not torch.equal(ck[k], ck4[k]) for k in ck)
@@ -310,10 +310,10 @@ def test_torchrun_two_process_gloo_matches_single_process(setup) -> None:
 
 
 def test_drift_report_reads_a_finished_run(setup, capsys) -> None:
-    from bench.adaptation_drift import main as drift_main
+    from wesam.bench.adaptation_drift import main as drift_main
 
     cfg = _cfg(setup, method="self-training", steps=2, eval_every=1)
-    Adapter(cfg, log=lambda *_: None).run(publish=False)
+    AdaptationTrainer(cfg, log=lambda *_: None).run(publish=False)
     assert drift_main(["--work-dir", cfg.work_dir, "--data", cfg.data, "--method", "self-training",
                        "--model", cfg.model]) == 0
     report = json.loads(capsys.readouterr().out)

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from adapters.pretrain.augment import (
+from wesam.pretrain.augment import (
     MIN_AREA_PX,
     compose_training_sample,
     copy_paste,
@@ -15,7 +15,7 @@ from adapters.pretrain.augment import (
     random_resized_crop,
     resize_longest,
 )
-from adapters.pretrain.synthetic import SyntheticScenes
+from wesam.pretrain.synthetic import SyntheticScenes
 
 BG = (128, 128, 128)
 DST_COLORS = [(230, 20, 20), (20, 210, 30), (30, 40, 240), (240, 230, 20)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.adaptation import claim, release, save_cell, to_markdown
+from wesam.bench.adaptation import claim, release, save_cell, to_markdown
 
 
 def _cell(row: str, miou: float) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.source_breakdown import summarise
+from wesam.bench.source_breakdown import summarise
 
 
 def test_groups_split_instances_by_area_pieces_and_fill() -> None:

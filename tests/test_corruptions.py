@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.data.corruptions import SUPPORTED, corrupt, plasma_fractal
+from wesam.data.corruptions import SUPPORTED, corrupt, plasma_fractal
 
 
 @pytest.fixture(scope="module")

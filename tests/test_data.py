@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from adapters.data import (
+from wesam.data import (
     WEAK_KINDS,
     CocoJsonDataset,
     DataError,
@@ -27,7 +27,7 @@ from adapters.data import (
     open_dataset,
     sample_points,
 )
-from adapters.metrics import iou_f1
+from wesam.evaluation.metrics import iou_f1
 
 H, W = 48, 64
 

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 
-from adapters.artifact import META_FILE, attach_adapter, save_adapter
-from adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.registry import Registry
-from adapters.zoo import SAM_MICRO, build_sam, resolve_model, save_safetensors, sha256_file
-from export.bundle import read_export
-from export.check import check_export, pooled_iou
-from export.cli import add_export_parser
-from export.prompts import decoder_feeds
-from export.runtime import make_session
+from wesam.adapters.artifact import META_FILE, attach_adapter, save_adapter
+from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.adapters.registry import Registry
+from wesam.sam.zoo import SAM_MICRO, build_sam, resolve_model, save_safetensors, sha256_file
+from wesam.export.bundle import read_export
+from wesam.export.check import check_export, pooled_iou
+from wesam.export.cli import add_export_parser
+from wesam.export.prompts import decoder_feeds
+from wesam.export.runtime import make_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,13 +150,14 @@ def test_merged_equals_unmerged_lora_and_loads_in_segment_anything(work: Path, b
     assert manifest["adapter"]["meta"]["lora"]["rank"] == 2
 
 
-def test_plain_sam_leaves_the_model_bit_identical(base_path: str, registry: Registry) -> None:
-    from adapters.lora import adapter_names
-    from export.merged import plain_sam, plain_state_dict
+def test_merged_sam_leaves_the_model_bit_identical(base_path: str, registry: Registry) -> None:
+    from wesam.adapters.lora import adapter_names
+    from wesam.adapters.artifact import merged_sam
+    from wesam.adapters.lora import plain_state_dict
 
     model = resolve_model(base_path)
     before = {k: v.clone() for k, v in model.sam.state_dict().items()}
-    plain = plain_sam(model, registry.resolve("polyp@v1"))
+    plain = merged_sam(model, registry.resolve("polyp@v1"))
     after = plain_state_dict(model.sam)
     assert adapter_names(model.sam) == [] and set(after) == set(before)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -233,7 +234,7 @@ def test_encoder_export_with_window_padding_and_dynamic_batch(work: Path) -> Non
     """Grid 12 with window 5 pads windows inside the encoder, as ViT-B/L/H do (grid 64, window 14)."""
     from dataclasses import replace
 
-    from export.onnx_graphs import export_encoder
+    from wesam.export.onnx_graphs import export_encoder
 
     config = replace(SAM_MICRO, img_size=96, window_size=5)
     torch.manual_seed(0)
@@ -248,9 +249,9 @@ def test_encoder_export_with_window_padding_and_dynamic_batch(work: Path) -> Non
 
 def test_large_model_path_uses_external_data_through_to_triton(work: Path, base_path: str, monkeypatch) -> None:
     """ViT-H (>2 GB) cannot be tested here: lower the threshold so sam-micro takes the same path."""
-    from export import onnx_graphs
-    from export.bundle import export_onnx
-    from export.triton import build_repository
+    from wesam.export import onnx_graphs
+    from wesam.export.bundle import export_onnx
+    from wesam.export.triton import build_repository
 
     monkeypatch.setattr(onnx_graphs, "EXTERNAL_DATA_THRESHOLD", 1)
     bundle = export_onnx(resolve_model(base_path), [], work / "external", simplify=False)
@@ -399,9 +400,8 @@ def test_triton_repository(work: Path, onnx_dir: Path) -> None:
 # -- benchmark and entry point ----------------------------------------------------------------------
 
 def test_benchmark_runs_on_sam_micro(work: Path) -> None:
-    spec = importlib.util.spec_from_file_location("export_speed", ROOT / "bench" / "export_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from wesam.bench import export_speed as bench
+
     out = work / "bench.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         rc = bench.main(["--model", "sam-micro", "--iters", "1", "--warmup", "0", "--threads", "1",
@@ -415,6 +415,6 @@ def test_benchmark_runs_on_sam_micro(work: Path) -> None:
 
 
 def test_standalone_entry_point() -> None:
-    r = subprocess.run([sys.executable, "-m", "export.cli", "export", "--help"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "wesam.export.cli", "export", "--help"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "merged" in r.stdout and "triton" in r.stdout

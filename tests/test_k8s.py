@@ -27,7 +27,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from service.config import PREFIX, ServeConfig
+from wesam.service.config import PREFIX, ServeConfig
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.lora import (
+from wesam.adapters.lora import (
     LoraConfig, add_adapter, adapter_names, adapter_state, delete_adapter, load_adapter_state, lora_layers,
     merge_adapter, set_adapter, trainable_parameters, unmerge_adapter, use_adapter,
 )
-from adapters.zoo import resolve_model
+from wesam.sam.zoo import resolve_model
 
 
 def _randomise(sam, name: str, seed: int) -> None:

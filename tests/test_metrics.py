@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from adapters.metrics import SegmentationMeter, box_filled_masks, iou_f1
+from wesam.evaluation.metrics import SegmentationMeter, box_filled_masks, iou_f1
 
 
 def square(h: int, w: int, y0: int, x0: int, size: int) -> np.ndarray:
@@ -112,7 +112,7 @@ def test_box_filled_masks():
 
 
 def test_box_filled_roundtrip_with_tight_boxes():
-    from adapters.data import boxes_from_masks
+    from wesam.data import boxes_from_masks
 
     gt = np.stack([square(16, 16, 2, 3, 5), square(16, 16, 9, 9, 7)])
     pred = box_filled_masks(boxes_from_masks(gt), (16, 16))

@@ -30,8 +30,8 @@ import pytest
 import yaml
 from service_support import corrupt_weights, encode, make_base, make_image, publish_adapter
 
-from service.config import ServeConfig
-from service.launch import ServerProcess, free_port
+from wesam.service.config import ServeConfig
+from wesam.service.launch import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 MONITORING = REPO / "k8s" / "monitoring"

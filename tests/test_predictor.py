@@ -7,9 +7,9 @@ import pytest
 import torch
 from segment_anything import SamPredictor
 
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.transforms import SamTransform
-from adapters.zoo import resolve_model
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.sam.transforms import SamTransform
+from wesam.sam.zoo import resolve_model
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.artifact import AdapterError, attach_adapter, read_artifact, save_adapter, verify_artifact
-from adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter, use_adapter
-from adapters.registry import Registry, parse_ref
-from adapters.zoo import resolve_model, save_safetensors
+from wesam.adapters.artifact import AdapterError, attach_adapter, read_artifact, save_adapter, verify_artifact
+from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter, use_adapter
+from wesam.adapters.registry import Registry, parse_ref
+from wesam.sam.zoo import resolve_model, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,8 +111,7 @@ def test_killed_writer_leaves_no_version(base, tmp_path: Path) -> None:
     reg_dir = tmp_path / "reg"
     script = textwrap.dedent(f"""
         import os, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from adapters.registry import Registry
+        from wesam.adapters.registry import Registry
         reg = Registry({str(reg_dir)!r})
         with reg.staging("polyp") as staged:
             (staged / "adapter.safetensors").write_bytes(b"partial")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import add_serve_parser, check_model, config_from_args, serve_command
-from service.config import ConfigError
+from wesam.service.cli import add_serve_parser, check_model, config_from_args, serve_command
+from wesam.service.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,23 +37,23 @@ def test_flags_override_environment_and_paths_become_absolute(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="cannot read"):
         config_from_args(_parse("--admin-token-file", str(tmp_path / "missing")), {})
     cmd, child_env = serve_command(config, "127.0.0.1", 3100)
-    assert cmd[1:4] == ["-m", "bentoml", "serve"] and "service.service:Segmenter" in cmd
+    assert cmd[1:4] == ["-m", "bentoml", "serve"] and "wesam.service.service:Segmenter" in cmd
     assert child_env["WESAM_SERVE_WORKERS"] == "2" and child_env["WESAM_SERVE_RUNTIME"] == "onnx"
     assert child_env["BENTOML_DO_NOT_TRACK"] == "True"
 
 
 def test_missing_weights_fail_before_starting(tmp_path: Path) -> None:
-    from adapters.zoo import ModelLoadError
+    from wesam.sam.zoo import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="not an existing file"):
         check_model(config_from_args(_parse("--model", str(tmp_path / "nope.safetensors")), {}))
     with pytest.raises(ModelLoadError, match="official checkpoint"):
         check_model(config_from_args(_parse("--model", "vit_b"), {}))
     check_model(config_from_args(_parse("--model", "sam-micro"), {}))
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "nope")],
+    r = subprocess.run([sys.executable, "-m", "wesam.service.cli", "serve", "--model", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "nope" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", "sam-micro", "--port", "8001"],
+    r = subprocess.run([sys.executable, "-m", "wesam.service.cli", "serve", "--model", "sam-micro", "--port", "8001"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "--grpc-port and --port must differ" in r.stderr
 
@@ -61,7 +61,7 @@ def test_missing_weights_fail_before_starting(tmp_path: Path) -> None:
 def test_bench_serve_runs_on_sam_micro(tmp_path: Path) -> None:
     from service_support import make_base
 
-    from bench import serve
+    from wesam.bench import serve
 
     base = make_base(tmp_path)
     out = tmp_path / "bench.json"

@@ -15,16 +15,16 @@ import pytest
 from pycocotools import mask as mask_utils
 from service_support import corrupt_weights, encode, make_base, make_image, publish_adapter, reference_model
 
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.registry import Registry
-from service import codec
-from service.admin import check_admin, parse_version
-from service.cache import CacheEntry, EmbeddingCache
-from service.config import ConfigError, ServeConfig
-from service.engine import SegmentEngine
-from service.errors import ServiceError
-from service.messages import InferItem, PromptArrays
-from service.requests import parse_segment
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.adapters.registry import Registry
+from wesam.service import codec
+from wesam.service.admin import check_admin, parse_version
+from wesam.service.cache import CacheEntry, EmbeddingCache
+from wesam.service.config import ConfigError, ServeConfig
+from wesam.service.engine import SegmentEngine
+from wesam.service.errors import ServiceError
+from wesam.service.messages import InferItem, PromptArrays
+from wesam.service.requests import parse_segment
 
 LIMITS = dict(max_bytes=1 << 20, max_pixels=256 * 256)
 
@@ -209,7 +209,7 @@ def test_admin_token_checks() -> None:
 def _entry(nbytes: int, adapter: str = "base") -> CacheEntry:
     import torch
 
-    from adapters.predictor import ImageEmbedding
+    from wesam.sam.predictor import ImageEmbedding
 
     return CacheEntry(ImageEmbedding(torch.zeros(nbytes // 4), (1, 1), (1, 1)), adapter, None)
 
@@ -420,7 +420,7 @@ def test_onnx_runtime_serves_the_same_masks(world, tmp_path: Path) -> None:
 
 
 def test_grpc_inputs_are_validated() -> None:
-    from service.grpc_server import build_item
+    from wesam.service.grpc_server import build_item
 
     config = dataclasses.replace(CONFIG, max_prompts=4)
     img = make_image()
@@ -447,7 +447,7 @@ def test_frontend_formats_answers_and_maps_runtime_failures(world) -> None:
     import anyio
     from bentoml.exceptions import BentoMLException
 
-    from service.front import Frontend, LocalRuntime
+    from wesam.service.front import Frontend, LocalRuntime
 
     engine = _engine(world)
     front = Frontend(dataclasses.replace(engine.config, max_prompts=4), LocalRuntime(engine))

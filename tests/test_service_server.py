@@ -23,11 +23,11 @@ import pytest
 import torch
 from service_support import corrupt_weights, encode, make_base, make_image, publish_adapter, reference_model
 
-from adapters.predictor import Prompts, SamPredictorCore
-from adapters.registry import Registry
-from service import codec
-from service.config import ServeConfig
-from service.launch import ServerProcess, free_port
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.adapters.registry import Registry
+from wesam.service import codec
+from wesam.service.config import ServeConfig
+from wesam.service.launch import ServerProcess, free_port
 
 TOKEN = "test-admin-token"
 BOX = [8.0, 6.0, 50.0, 40.0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.pretrain.synthetic import (
+from wesam.pretrain.synthetic import (
     MAX_INSTANCES,
     MIN_VISIBLE_FRACTION,
     VALIDATION_SEED,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.zoo import (
+from wesam.sam.zoo import (
     ZOO, ModelLoadError, build_sam, describe, load_checkpoint, resolve_model, save_safetensors, sha256_file,
     _reference_state,
 )

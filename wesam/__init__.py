@@ -1,3 +1,15 @@
-"""wesam: adapt Segment-Anything to new domains with weak labels, and serve it."""
+"""wesam: adapt Segment-Anything to new domains with weak labels, export it, and serve it.
 
-__version__ = "0.1.0"
+Layers, each importing only the ones below it (checked by ``lint-imports``)::
+
+    wesam.cli, wesam.bench      command line and benchmarks
+    wesam.service               HTTP + gRPC serving           (folder service/)
+    wesam.export                merged weights, ONNX, TensorRT, Triton (folder export/)
+    wesam.adapters              LoRA, WeSAM adaptation, adapter artifacts and registry (folder adapters/)
+    model core                  wesam.pretrain, wesam.evaluation, wesam.sam, wesam.data,
+                                wesam.losses, wesam.errors, wesam.version
+"""
+
+from .version import __version__
+
+__all__ = ["__version__"]

@@ -8,9 +8,19 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
+from .errors import WesamError
+from .version import __version__
 
 DEFAULT_DATA_ROOT = "../shared/data"
+
+# The one place where wesam's errors become exit codes: 2 for anything the user can fix (bad
+# input, missing file, wrong model, refused adapter), 130 for a job stopped with Ctrl-C.
+EXIT_CODES: dict[str, int] = {"interrupted": 130}
+EXIT_USER_ERROR = 2
+
+
+def exit_code(error: WesamError) -> int:
+    return EXIT_CODES.get(error.kind, EXIT_USER_ERROR)
 
 
 def _print_json(obj: Any) -> None:
@@ -26,7 +36,7 @@ def _write_json(path: str | None, obj: Any) -> None:
 # -- models -----------------------------------------------------------------------------------------
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from adapters.zoo import ZOO, describe
+    from wesam.sam.zoo import ZOO, describe
 
     if args.models_cmd == "info":
         key = args.name
@@ -63,14 +73,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from adapters.data import DataError, open_dataset
-    from adapters.evaluate import PromptSpec, evaluate
-    from adapters.predictor import SamPredictorCore
-    from adapters.zoo import ModelLoadError, resolve_model
+    from wesam.data import DataError, open_dataset
+    from wesam.evaluation.evaluate import PromptSpec, evaluate
+    from wesam.sam.predictor import SamPredictorCore
+    from wesam.sam.zoo import resolve_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from adapters.artifact import AdapterError
 
     adapter_ref = None
     try:
@@ -79,9 +88,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.adapter:
             adapter_ref = _attach(model, args.adapter, args.registry)
         ds = open_dataset(args.data, args.split, skip_bad=args.skip_bad, min_area_frac=args.min_area_frac)
-    except (ModelLoadError, DataError, AdapterError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        if isinstance(e, WesamError):
+            raise
+        raise WesamError(str(e), kind="invalid_argument") from e
     samples: Any = ds
     if args.limit:
         samples = [ds[i] for i in range(min(args.limit, len(ds)))]
@@ -91,8 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        progress=lambda it: tqdm(it, total=len(samples), desc=f"eval {Path(args.data).name}",
                                                 unit="img", disable=args.quiet))
     except DataError as e:
-        print(f"error: {e} (use --skip-bad to skip bad samples)", file=sys.stderr)
-        return 2
+        raise DataError(e.path, f"{e.reason} (use --skip-bad to skip bad samples)") from None
     out = {
         "miou": res["miou"],
         "f1": res["f1"],
@@ -121,8 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _open_artifact(ref: str, registry: str | None):
     """An adapter directory, or DOMAIN[@vN] looked up in the registry."""
-    from adapters.artifact import AdapterError, read_artifact
-    from adapters.registry import Registry
+    from wesam.adapters.artifact import AdapterError, read_artifact
+    from wesam.adapters.registry import Registry
 
     if Path(ref).is_dir():
         return read_artifact(ref)
@@ -133,64 +142,61 @@ def _open_artifact(ref: str, registry: str | None):
 
 def _attach(model: Any, ref: str, registry: str | None) -> str:
     """Load an adapter into the model and make it active; returns its reference."""
-    from adapters.artifact import attach_adapter
-    from adapters.lora import set_adapter
+    from wesam.adapters.artifact import attach_adapter
+    from wesam.adapters.lora import set_adapter
 
     art = _open_artifact(ref, registry)
     name = attach_adapter(model, art)
     set_adapter(model.sam, name)
-    return art.ref
+    return str(art.ref)
 
 
 # -- adapters ---------------------------------------------------------------------------------------
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from adapters.artifact import AdapterError, verify_artifact
-    from adapters.registry import Registry, parse_ref
-    from adapters.zoo import ModelLoadError, resolve_model
+    from wesam.adapters.artifact import verify_artifact
+    from wesam.adapters.ref import AdapterRef
+    from wesam.adapters.registry import Registry
+    from wesam.sam.zoo import resolve_model
 
     reg = Registry(args.registry)
-    try:
-        if args.adapters_cmd == "list":
-            rows = []
-            for domain in reg.domains():
-                active = reg.active_version(domain)
-                for v in reg.versions(domain):
-                    meta = reg.resolve(f"{domain}@v{v}").meta
-                    rows.append({"adapter": f"{domain}@v{v}", "active": v == active,
-                                 "base_model": meta["base_model"].get("name"), "method": meta.get("method"),
-                                 "prompt": meta.get("prompt"), "created": meta.get("created"),
-                                 "miou_after": (meta.get("metrics") or {}).get("after", {}).get("miou")})
-            if args.json:
-                _print_json(rows)
-            elif not rows:
-                print(f"no adapters in {reg.root}")
-            else:
-                for r in rows:
-                    miou = f"{r['miou_after']:.4f}" if isinstance(r["miou_after"], float) else "-"
-                    print(f"{'*' if r['active'] else ' '} {r['adapter']:<24} base={r['base_model']:<10} "
-                          f"method={r['method']} prompt={r['prompt']} mIoU={miou} {r['created']}")
-            return 0
-        if args.adapters_cmd == "show":
-            _print_json(_open_artifact(args.ref, args.registry).meta)
-            return 0
-        if args.adapters_cmd == "verify":
-            art = _open_artifact(args.ref, args.registry)
-            base = None
-            if not args.no_base:
-                base = resolve_model(args.model or art.meta["base_model"]["name"], args.checkpoint)
-            report = verify_artifact(art, base)
-            _print_json(report)
-            return 0 if report["ok"] else 1
-        if args.adapters_cmd == "activate":
-            domain, _ = parse_ref(args.domain)
-            version = int(args.version.lstrip("v"))
-            reg.activate(domain, version)
-            print(f"{domain} -> v{version}")
-            return 0
-    except (AdapterError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.adapters_cmd == "list":
+        rows = []
+        for domain in reg.domains():
+            active = reg.active_version(domain)
+            for v in reg.versions(domain):
+                ref = AdapterRef(domain, v)
+                meta = reg.resolve(ref).meta
+                rows.append({"adapter": str(ref), "active": v == active,
+                             "base_model": meta["base_model"].get("name"), "method": meta.get("method"),
+                             "prompt": meta.get("prompt"), "created": meta.get("created"),
+                             "miou_after": (meta.get("metrics") or {}).get("after", {}).get("miou")})
+        if args.json:
+            _print_json(rows)
+        elif not rows:
+            print(f"no adapters in {reg.root}")
+        else:
+            for r in rows:
+                miou = f"{r['miou_after']:.4f}" if isinstance(r["miou_after"], float) else "-"
+                print(f"{'*' if r['active'] else ' '} {r['adapter']:<24} base={r['base_model']:<10} "
+                      f"method={r['method']} prompt={r['prompt']} mIoU={miou} {r['created']}")
+        return 0
+    if args.adapters_cmd == "show":
+        _print_json(_open_artifact(args.ref, args.registry).meta)
+        return 0
+    if args.adapters_cmd == "verify":
+        art = _open_artifact(args.ref, args.registry)
+        base = None
+        if not args.no_base:
+            base = resolve_model(args.model or art.meta["base_model"]["name"], args.checkpoint)
+        report = verify_artifact(art, base)
+        _print_json(report)
+        return 0 if report["ok"] else 1
+    if args.adapters_cmd == "activate":
+        ref = AdapterRef.parse(f"{AdapterRef.parse(args.domain).domain}@v{args.version.lstrip('v')}")
+        reg.activate(ref.domain, ref.version)
+        print(f"{ref.domain} -> {ref.version_dir}")
+        return 0
     raise SystemExit("usage: wesam adapters list|show|verify|activate")
 
 
@@ -202,10 +208,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from adapters.adapt.trainer import AdaptConfig, Adapter, AdaptInterrupted
-    from adapters.artifact import AdapterError
-    from adapters.data import DataError
-    from adapters.zoo import ModelLoadError
+    from wesam.adapters.adapt.trainer import AdaptConfig, AdaptationTrainer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,14 +226,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, pairwise=args.pairwise,
             work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
-        trainer = Adapter(cfg)
+        trainer = AdaptationTrainer(cfg)
         summary = trainer.run(resume=args.resume, publish=not args.no_publish)
-    except AdaptInterrupted as e:
-        print(f"\n{e}", file=sys.stderr)
-        return 130
-    except (ModelLoadError, DataError, AdapterError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError) as e:
+        if isinstance(e, WesamError):
+            raise
+        # A configuration the trainer refuses (e.g. a prompt kind the data cannot give).
+        raise WesamError(str(e), kind="invalid_argument") from e
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -243,7 +245,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 # -- pretrain ---------------------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from adapters.pretrain.trainer import PretrainConfig, Pretrainer, ship
+    from wesam.pretrain.trainer import PretrainConfig, Pretrainer, ship
 
     if args.ship_only:
         manifest = ship(args.out, args.ship)
@@ -268,8 +270,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- bench ------------------------------------------------------------------------------------------
 
-BENCHES = {"source": "bench.source_model", "source-breakdown": "bench.source_breakdown",
-           "adaptation": "bench.adaptation", "adaptation-drift": "bench.adaptation_drift", "serve": "bench.serve", "export": "bench.export_speed"}
+BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
+           "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
+           "serve": "wesam.bench.serve", "export": "wesam.bench.export_speed"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -334,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapters)
 
-    from adapters.adapt import DEFAULT_LR, DEFAULT_METHOD, METHODS
+    from wesam.adapters.adapt import DEFAULT_LR, DEFAULT_METHOD, METHODS
 
     d = sub.add_parser("adapt", help="weakly supervised LoRA adaptation to a target domain (WeSAM)")
     d.add_argument("--model", default="sam-mini")
@@ -399,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(models/sam-mini ships the embedded default)")
     t.add_argument("--ship-only", action="store_true", help="only ship the best weights of --out to --ship")
     t.set_defaults(func=cmd_pretrain)
-    from export.cli import add_export_parser
-    from service.cli import add_serve_parser
+    from wesam.export.cli import add_export_parser
+    from wesam.service.cli import add_serve_parser
 
     add_export_parser(sub)
     add_serve_parser(sub)
@@ -418,9 +421,12 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
+    except WesamError as e:
+        print(f"\n{e}" if e.kind == "interrupted" else f"error: {e}", file=sys.stderr)
+        return exit_code(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_CODES["interrupted"]
 
 
 if __name__ == "__main__":

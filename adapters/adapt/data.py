@@ -13,9 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..data import open_dataset
-from ..data.splits import carve_validation
-from ..data.weak import WeakLabel, derive_weak_labels
+from wesam.data import open_dataset
+from wesam.data.splits import carve_validation
+from wesam.data.weak import WeakLabel, derive_weak_labels
 
 VAL_FRACTION = 0.12
 

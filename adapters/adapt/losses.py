@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..losses import constant_alpha_focal, dice_loss, mask_iou
+from wesam.losses import constant_alpha_focal, dice_loss, mask_iou
 
 FOCAL_ALPHA = 0.8  # the reference's intended constant alpha (its call site passed n_m by mistake)
 TEMPERATURE = 0.3

@@ -34,13 +34,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..artifact import save_adapter
-from ..evaluate import PromptSpec, evaluate
+from wesam.errors import Interrupted
+from wesam.evaluation.evaluate import PromptSpec, evaluate
 from ..lora import (LoraConfig, add_adapter, adapter_state, load_adapter_state, set_adapter, trainable_parameters,
                     use_adapter)
-from ..predictor import SamPredictorCore
+from wesam.sam.predictor import SamPredictorCore
 from ..registry import Registry
-from ..transforms import SamTransform
-from ..zoo import LoadedModel, resolve_model
+from wesam.sam.transforms import SamTransform
+from wesam.sam.zoo import LoadedModel, resolve_model
 from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
 from . import losses as L
 from .data import AdaptSample, load_adaptation_data
@@ -106,7 +107,7 @@ class AdaptConfig:
         return d
 
 
-class AdaptInterrupted(Exception):
+class AdaptInterrupted(Interrupted):
     """Ctrl-C: the checkpoint is saved, nothing is published."""
 
 
@@ -134,7 +135,7 @@ class _View:
     affinity: torch.Tensor | None = None  # (8, h, w) colour similarity to neighbours (pairwise loss)
 
 
-class Adapter:
+class AdaptationTrainer:
     def __init__(self, cfg: AdaptConfig, log: Callable[[str], None] = print) -> None:
         self.cfg = cfg
         self.rank, self.world = _dist()
@@ -442,7 +443,7 @@ class Adapter:
         }
         if publish and cfg.registry:
             art = self._publish(summary)
-            summary["adapter"] = art.ref
+            summary["adapter"] = str(art.ref)
             summary["adapter_path"] = str(art.path)
         return summary
 

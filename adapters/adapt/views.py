@@ -11,7 +11,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..data.weak import WeakLabel
+from wesam.data.weak import WeakLabel
 
 
 def flip_view(image: np.ndarray, masks: np.ndarray, label: WeakLabel, hflip: bool, vflip: bool

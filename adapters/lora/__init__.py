@@ -8,6 +8,7 @@ which expresses q/v-only LoRA exactly and keeps several named adapters resident 
 
 from .config import LoraConfig, TARGETS
 from .layer import LoraLinear
+from .merge import merge_and_unload, plain_state_dict
 from .model import (
     active_adapter,
     add_adapter,
@@ -26,5 +27,6 @@ from .model import (
 __all__ = [
     "LoraConfig", "TARGETS", "LoraLinear", "active_adapter", "add_adapter", "adapter_names",
     "delete_adapter", "load_adapter_state", "lora_layers", "merge_adapter", "adapter_state",
-    "set_adapter", "trainable_parameters", "unmerge_adapter", "use_adapter",
+    "set_adapter", "trainable_parameters", "unmerge_adapter", "use_adapter", "merge_and_unload",
+    "plain_state_dict",
 ]

@@ -24,13 +24,17 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from wesam.errors import WesamError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # wesam/sam/zoo.py -> repository
 CHECKPOINT_DIR_ENV = "WESAM_CHECKPOINT_DIR"
 MODELS_DIR_ENV = "WESAM_MODELS_DIR"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(WesamError, RuntimeError):
     """A model could not be built or its weights could not be loaded."""
+
+    kind = "model_load"
 
 
 @dataclass(frozen=True)

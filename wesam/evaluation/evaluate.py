@@ -12,9 +12,9 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from .data.weak import boxes_from_masks, derive_weak_labels, WeakLabel
+from wesam.data.weak import boxes_from_masks, derive_weak_labels, WeakLabel
 from .metrics import SegmentationMeter, box_filled_masks
-from .predictor import Prompts, SamPredictorCore
+from wesam.sam.predictor import Prompts, SamPredictorCore
 
 PROMPT_KINDS = ("box", "point", "coarse", "coarse-box")
 MAX_PROMPTS_PER_CALL = 64

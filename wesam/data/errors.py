@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from wesam.errors import WesamError
 
-class DataError(ValueError):
+
+class DataError(WesamError, ValueError):
     """A dataset file is missing, unreadable or inconsistent.
 
     The message always starts with the offending file path so that a failure
@@ -16,3 +18,5 @@ class DataError(ValueError):
         self.path = os.fspath(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
+
+    kind = "invalid_data"

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..evaluate import PromptSpec, evaluate, inbox_logit_health
-from ..predictor import SamPredictorCore
-from ..transforms import SamTransform
-from ..zoo import SAM_MINI, SamConfig, build_sam, save_safetensors, sha256_file
+from wesam.evaluation.evaluate import PromptSpec, evaluate, inbox_logit_health
+from wesam.sam.predictor import SamPredictorCore
+from wesam.sam.transforms import SamTransform
+from wesam.sam.zoo import SAM_MINI, SamConfig, build_sam, save_safetensors, sha256_file
 from .augment import compose_training_sample
 from .prompting import (MODE_WEIGHTS, MODES, BoxPromptRecipe, box_regions, corrective_prompts, decode,
                         initial_prompts, mask_losses)
@@ -150,7 +150,7 @@ class Pretrainer:
         self._load_data()
 
     def _warm_start(self, ref: str) -> None:
-        from ..zoo import resolve_model
+        from wesam.sam.zoo import resolve_model
 
         loaded = resolve_model(ref)
         if loaded.config.to_json() != self.cfg.model_config.to_json():
@@ -260,8 +260,9 @@ class Pretrainer:
         for name, samples in self.val.items():
             res[f"{name}_val_box"] = evaluate(pred, samples, PromptSpec("box"))["miou"]
         # Health: does the model separate the object from the rest of its box? (medians over
-        # the natural validation parts; v1 ended near +0.3 / -0.3)
-        res.update(inbox_logit_health(pred, [smp for v in self.val.values() for smp in v]))
+        # the natural validation parts, else the synthetic ones; v1 ended near +0.5 / -0.4)
+        natural_val = [smp for v in self.val.values() for smp in v]
+        res.update(inbox_logit_health(pred, natural_val or self.synth_val))
         natural = [res[f"{n}_val_box"] for n in self.val]
         # Natural-image box quality is what the target domains need; synthetic keeps clicks honest.
         res["score"] = float(np.mean(natural + [res["synthetic_box"], res["synthetic_click"]]))
@@ -353,7 +354,7 @@ def reproduce_command(cfg: dict[str, Any]) -> str:
 
 def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = None) -> dict[str, Any]:
     """Write the best checkpoint of a run as fp16 safetensors + manifest into ``dest_dir``."""
-    from ..zoo import load_checkpoint
+    from wesam.sam.zoo import load_checkpoint
 
     run_dir, dest_dir = Path(run_dir), Path(dest_dir)
     best = load_checkpoint(run_dir / "best.safetensors")

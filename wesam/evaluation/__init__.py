@@ -1,0 +1,1 @@
+"""Prompted evaluation: metrics and the evaluation loop with its box-filled baseline."""

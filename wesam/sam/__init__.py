@@ -1,0 +1,1 @@
+"""The SAM model core: zoo and safe checkpoint loading, preprocessing, the batched predictor."""
