@@ -14,14 +14,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from wesam.sam.zoo import LoadedModel, sha256_file
 
 from .errors import AdapterError
-from .lora import LoraConfig, add_adapter, adapter_state, delete_adapter, load_adapter_state, merge_and_unload
+from .lora import LoraConfig, adapter_state, add_adapter, delete_adapter, load_adapter_state, merge_and_unload
 from .lora.model import adapter_config
 from .ref import AdapterRef
 

@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 
-from wesam.adapters.adapt.trainer import AdaptConfig, AdaptationTrainer
+from wesam.adapters.adapt.trainer import AdaptationTrainer, AdaptConfig
+from wesam.adapters.lora import use_adapter
 from wesam.data import FolderDataset
 from wesam.data.corruptions import corrupt
 from wesam.data.folder import read_image_rgb
 from wesam.evaluation.evaluate import PromptSpec, evaluate
-from wesam.adapters.lora import use_adapter
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.zoo import resolve_model
 

@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from wesam.adapters.adapt.trainer import ADAPTER, AdaptConfig, AdaptationTrainer
+from wesam.adapters.adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig
+from wesam.adapters.lora import load_adapter_state, use_adapter
 from wesam.data.weak import derive_weak_labels
 from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
-from wesam.adapters.lora import load_adapter_state, use_adapter
 from wesam.evaluation.metrics import iou_f1
 from wesam.sam.predictor import SamPredictorCore
 

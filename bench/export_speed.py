@@ -23,7 +23,6 @@ import time
 from typing import Any, Callable
 
 # Runnable as a plain script from anywhere: make the repo root importable.
-
 import numpy as np
 import torch
 

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 
 import cv2
 import numpy as np
 
 # Runnable as a plain script from anywhere: make the repo root importable.
-
 from wesam.pretrain.synthetic import SyntheticScenes
 
 

@@ -32,7 +32,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-
 import numpy as np
 
 

@@ -17,8 +17,8 @@ import torch
 
 from wesam.data.weak import boxes_from_masks
 from wesam.evaluation.metrics import iou_f1
-from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.pretrain.synthetic import synthetic_validation_set
+from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import resolve_model
 
 GROUPS = {

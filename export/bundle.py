@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from wesam.adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, read_artifact
+from wesam.adapters.artifact import META_FILE, WEIGHTS_FILE, AdapterArtifact, merged_sam, read_artifact
 from wesam.sam.transforms import PIXEL_MEAN, PIXEL_STD
 from wesam.sam.zoo import LoadedModel, sha256_file
 
 from .common import ExportError, progress, read_json, staged_output, utc_now, wesam_version, write_json
-from wesam.adapters.artifact import merged_sam
 from .errors import DEFAULT_OPSET
 from .onnx_graphs import NUM_MASK_OUTPUTS, export_decoder, export_encoder
 

@@ -19,7 +19,6 @@ from wesam.sam.zoo import LoadedModel, ModelLoadError, resolve_model
 
 from .errors import ExportError
 
-
 # Errors that the CLI reports as ``error: ...`` with exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (ExportError, ModelLoadError, AdapterError)
 

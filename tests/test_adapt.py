@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from wesam.adapters.adapt import losses as L
-from wesam.adapters.adapt.trainer import ADAPTER, AdaptConfig, AdaptationTrainer
+from wesam.adapters.adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig
 from wesam.adapters.adapt.views import flip_view, strong_photometric
-from wesam.data.weak import derive_weak_labels
 from wesam.adapters.lora import adapter_state
 from wesam.adapters.registry import Registry
+from wesam.data.weak import derive_weak_labels
 from wesam.sam.zoo import resolve_model, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import json
 import shutil
@@ -20,14 +19,14 @@ import torch
 
 from wesam.adapters.artifact import META_FILE, attach_adapter, save_adapter
 from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter
-from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.adapters.registry import Registry
-from wesam.sam.zoo import SAM_MICRO, build_sam, resolve_model, save_safetensors, sha256_file
 from wesam.export.bundle import read_export
 from wesam.export.check import check_export, pooled_iou
 from wesam.export.cli import add_export_parser
 from wesam.export.prompts import decoder_feeds
 from wesam.export.runtime import make_session
+from wesam.sam.predictor import Prompts, SamPredictorCore
+from wesam.sam.zoo import SAM_MICRO, build_sam, resolve_model, save_safetensors, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,9 +150,8 @@ def test_merged_equals_unmerged_lora_and_loads_in_segment_anything(work: Path, b
 
 
 def test_merged_sam_leaves_the_model_bit_identical(base_path: str, registry: Registry) -> None:
-    from wesam.adapters.lora import adapter_names
     from wesam.adapters.artifact import merged_sam
-    from wesam.adapters.lora import plain_state_dict
+    from wesam.adapters.lora import adapter_names, plain_state_dict
 
     model = resolve_model(base_path)
     before = {k: v.clone() for k, v in model.sam.state_dict().items()}

@@ -6,8 +6,18 @@ import pytest
 import torch
 
 from wesam.adapters.lora import (
-    LoraConfig, add_adapter, adapter_names, adapter_state, delete_adapter, load_adapter_state, lora_layers,
-    merge_adapter, set_adapter, trainable_parameters, unmerge_adapter, use_adapter,
+    LoraConfig,
+    adapter_names,
+    adapter_state,
+    add_adapter,
+    delete_adapter,
+    load_adapter_state,
+    lora_layers,
+    merge_adapter,
+    set_adapter,
+    trainable_parameters,
+    unmerge_adapter,
+    use_adapter,
 )
 from wesam.sam.zoo import resolve_model
 

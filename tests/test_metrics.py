@@ -120,3 +120,19 @@ def test_box_filled_roundtrip_with_tight_boxes():
     meter = SegmentationMeter()
     meter.add_image(pred, gt)
     assert meter.summary()["miou"] == 1.0
+
+
+def test_inscribed_ellipse_floor():
+    from wesam.data.weak import boxes_from_masks, derive_weak_labels, inscribed_ellipse_masks
+
+    # A 9x5 box (x 2..10, y 3..7): centre (6, 5), semi-axes 4.5 and 2.5.
+    ell = inscribed_ellipse_masks(np.array([[2, 3, 10, 7]]), (12, 14))[0]
+    assert ell[5, 2] and ell[5, 10] and ell[3, 6] and ell[7, 6]  # the four extreme pixels
+    assert not ell[3, 2] and not ell[7, 10] and not ell[:3].any() and not ell[:, 11:].any()
+    assert abs(ell.sum() - math.pi * 4.5 * 2.5) < 4
+    # An elliptic object scores ~1 against its own box's ellipse, a box only pi/4.
+    gt = inscribed_ellipse_masks(np.array([[4, 4, 40, 30]]), (48, 48))
+    m = SegmentationMeter()
+    m.add_image(inscribed_ellipse_masks(boxes_from_masks(gt), (48, 48)), gt)
+    assert m.summary()["miou"] == 1.0
+    assert derive_weak_labels(gt, "ellipse").mask_inputs.tolist() == gt.tolist()

@@ -8,7 +8,6 @@ import torch
 from segment_anything import SamPredictor
 
 from wesam.sam.predictor import Prompts, SamPredictorCore
-from wesam.sam.transforms import SamTransform
 from wesam.sam.zoo import resolve_model
 
 

@@ -12,7 +12,7 @@ import torch
 
 from wesam.data.instances import instances_from_mask
 from wesam.pretrain.prompting import BoxPromptRecipe, box_regions, inbox_balanced_bce, initial_prompts
-from wesam.pretrain.trainer import PretrainConfig, Pretrainer, reproduce_command, _config_json
+from wesam.pretrain.trainer import PretrainConfig, Pretrainer, _config_json, reproduce_command
 from wesam.sam.transforms import SamTransform
 from wesam.sam.zoo import SAM_MICRO, build_sam, save_safetensors
 
@@ -22,7 +22,7 @@ def test_box_regions_cover_inclusive_boxes_at_loss_resolution() -> None:
     full = box_regions(boxes, 16, 1.0)[0]
     assert full.sum() == 4 * 3 and full[4:7, 2:6].all()
     half = box_regions(boxes, 8, 2.0)[0]  # pixel centres 1, 3, 5, ... of the 16-px frame
-    assert half[2:4, 1:3].all() and half.sum() == 4
+    assert half[2, 1:3].all() and half.sum() == 2  # x centres 3, 5 and y centre 5 lie in the box
 
 
 def test_inbox_loss_rewards_the_object_not_the_box() -> None:
@@ -105,7 +105,7 @@ def test_warm_start_loads_the_weights_and_records_a_first_point(tmp_path: Path) 
 
 
 def test_warm_start_refuses_another_architecture(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="architecture"):
+    with pytest.raises(ValueError, match="shares no image encoder"):
         Pretrainer(_cfg(tmp_path, init_from="sam-mini"), log=lambda *_: None)
 
 
@@ -117,3 +117,30 @@ def test_reproduce_command_names_the_recipe() -> None:
     for part in ("--time-budget 30", "--threads 2", "--inbox-weight 0.5", "--init-from sam-mini", "--with-stuff"):
         assert part in cmd
     assert "--lr" not in cmd  # defaults are left out
+
+
+def test_narrow_decoder_warm_starts_the_encoder_trunk(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    wide = build_sam(SAM_MICRO)
+    weights = tmp_path / "micro.safetensors"
+    save_safetensors(wide, weights, name="sam-micro", config=SAM_MICRO)
+    narrow_cfg = replace(SAM_MICRO, prompt_embed_dim=16, decoder_mlp_dim=32, iou_head_hidden_dim=16)
+    t = Pretrainer(_cfg(tmp_path, model_config=narrow_cfg, init_from=str(weights)), log=lambda *_: None)
+    own, src = t.sam.state_dict(), wide.state_dict()
+    assert torch.equal(own["image_encoder.blocks.0.attn.qkv.weight"], src["image_encoder.blocks.0.attn.qkv.weight"])
+    assert own["mask_decoder.iou_token.weight"].shape[1] == 16
+    assert t.run()["steps"] == 2
+
+
+def test_sam_mini_decoder_width() -> None:
+    from wesam.pretrain.trainer import sam_mini_config
+    from wesam.sam.zoo import SAM_MINI
+
+    assert sam_mini_config(256) is SAM_MINI
+    c = sam_mini_config(128)
+    assert (c.prompt_embed_dim, c.decoder_mlp_dim, c.iou_head_hidden_dim, c.encoder_embed_dim) == (128, 1024, 128, 192)
+    with pytest.raises(ValueError):
+        sam_mini_config(100)
+    cmd = reproduce_command(_config_json(PretrainConfig(model_config=c)))
+    assert "--decoder-dim 128" in cmd

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from wesam.adapters.artifact import AdapterError, attach_adapter, read_artifact, save_adapter, verify_artifact
-from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter, use_adapter
+from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, use_adapter
 from wesam.adapters.registry import Registry, parse_ref
 from wesam.sam.zoo import resolve_model, save_safetensors
 

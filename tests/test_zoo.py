@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from wesam.sam.zoo import (
-    ZOO, ModelLoadError, build_sam, describe, load_checkpoint, resolve_model, save_safetensors, sha256_file,
+    ZOO,
+    ModelLoadError,
     _reference_state,
+    describe,
+    load_checkpoint,
+    resolve_model,
+    save_safetensors,
+    sha256_file,
 )
 
 

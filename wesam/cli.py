@@ -117,12 +117,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "split": args.split,
         "n_empty_both": res["n_empty_both"],
         "box_filled": {"miou": res["box_filled"]["miou"], "f1": res["box_filled"]["f1"]},
+        "ellipse": {"miou": res["ellipse"]["miou"], "f1": res["ellipse"]["f1"]},
     }
     if not args.quiet:
         print(f"\n{'':<22}{'mIoU':>8}{'F1':>8}")
         label = f"{model.name}{'+' + adapter_ref if adapter_ref else ''} ({args.prompt})"
         print(f"{label:<22}{out['miou']:>8.4f}{out['f1']:>8.4f}")
         print(f"{'box filled (baseline)':<22}{out['box_filled']['miou']:>8.4f}{out['box_filled']['f1']:>8.4f}")
+        print(f"{'ellipse in box (floor)':<22}{out['ellipse']['miou']:>8.4f}{out['ellipse']['f1']:>8.4f}")
         print(f"{out['n_images']} images, {out['n_instances']} instances")
     _write_json(args.json, out)
     return 0
@@ -208,7 +210,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
-    from wesam.adapters.adapt.trainer import AdaptConfig, AdaptationTrainer
+    from wesam.adapters.adapt.trainer import AdaptationTrainer, AdaptConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -245,7 +247,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 # -- pretrain ---------------------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from wesam.pretrain.trainer import PretrainConfig, Pretrainer, ship
+    from wesam.pretrain.trainer import PretrainConfig, Pretrainer, sam_mini_config, ship
 
     if args.ship_only:
         manifest = ship(args.out, args.ship)
@@ -256,7 +258,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          eval_every_min=args.eval_every, threads=args.threads, max_prompts=args.max_prompts,
                          warmup_steps=args.warmup_steps, tight_box_frac=args.tight_box_frac,
                          box_jitter_std=args.box_jitter_std, box_jitter_max_px=args.box_jitter_max_px,
-                         inbox_weight=args.inbox_weight, things_only=args.things_only, init_from=args.init_from)
+                         inbox_weight=args.inbox_weight, things_only=args.things_only, init_from=args.init_from,
+                         model_config=sam_mini_config(args.decoder_dim))
     if args.synthetic_only:
         cfg.data_root = None
     trainer = Pretrainer(cfg)
@@ -304,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="adapter directory, or DOMAIN[@vN] in --registry (newest if no @vN)")
     e.add_argument("--registry", help="adapter registry directory")
     e.add_argument("--split", default="test")
-    e.add_argument("--prompt", default="box", choices=["box", "point", "coarse", "coarse-box"])
+    e.add_argument("--prompt", default="box", choices=["box", "point", "coarse", "coarse-box", "ellipse"],
+                   help="weak prompt per instance; ellipse: the tight box's inscribed ellipse as a mask prompt")
     e.add_argument("--points", type=_parse_points, default=(5, 5), metavar="POS,NEG",
                    help="points per instance for --prompt point (default 5,5 as in WeSAM)")
     e.add_argument("--seed", type=int, default=0, help="seed of the weak-label derivation")
@@ -394,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the balanced object/background loss inside box prompts (0 disables)")
     t.add_argument("--with-stuff", dest="things_only", action="store_false",
                    help="keep semantic stuff classes (road, sky, ...) as training instances")
+    t.add_argument("--decoder-dim", type=int, default=256,
+                   help="width of the prompt encoder and mask decoder (SAM: 256; 128 makes steps ~2x cheaper)")
     t.add_argument("--init-from", metavar="MODEL",
                    help="warm start from these weights (zoo name or file) of the same architecture")
     t.add_argument("--threads", type=int)

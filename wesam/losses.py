@@ -6,16 +6,6 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
-               gamma: float = 2.0) -> torch.Tensor:
-    """Mean sigmoid focal loss over all elements.
-
-    ``alpha`` < 0 disables class balancing; WeSAM's intended form is a constant 0.8 on every
-    pixel, which is ``constant_alpha_focal``.
-    """
-    return sigmoid_focal_loss(logits.float(), targets.float(), alpha=alpha, gamma=gamma, reduction="mean")
-
-
 def focal_loss_per_mask(logits: torch.Tensor, targets: torch.Tensor, alpha: float = 0.25,
                         gamma: float = 2.0) -> torch.Tensor:
     """Sigmoid focal loss averaged over the last two (H, W) dims: (..., H, W) -> (...)."""

@@ -33,15 +33,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..artifact import save_adapter
 from wesam.errors import Interrupted
 from wesam.evaluation.evaluate import PromptSpec, evaluate
-from ..lora import (LoraConfig, add_adapter, adapter_state, load_adapter_state, set_adapter, trainable_parameters,
-                    use_adapter)
 from wesam.sam.predictor import SamPredictorCore
-from ..registry import Registry
 from wesam.sam.transforms import SamTransform
 from wesam.sam.zoo import LoadedModel, resolve_model
+
+from ..artifact import save_adapter
+from ..lora import (
+    LoraConfig,
+    adapter_state,
+    add_adapter,
+    load_adapter_state,
+    set_adapter,
+    trainable_parameters,
+    use_adapter,
+)
+from ..registry import Registry
 from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
 from . import losses as L
 from .data import AdaptSample, load_adaptation_data

@@ -6,18 +6,18 @@ it could only adapt all of qkv (k included). Here each target is an output slice
 which expresses q/v-only LoRA exactly and keeps several named adapters resident on one base.
 """
 
-from .config import LoraConfig, TARGETS
+from .config import TARGETS, LoraConfig
 from .layer import LoraLinear
 from .merge import merge_and_unload, plain_state_dict
 from .model import (
     active_adapter,
-    add_adapter,
     adapter_names,
+    adapter_state,
+    add_adapter,
     delete_adapter,
     load_adapter_state,
     lora_layers,
     merge_adapter,
-    adapter_state,
     set_adapter,
     trainable_parameters,
     unmerge_adapter,

@@ -114,13 +114,6 @@ def unmerge_adapter(sam: Sam) -> None:
         layer.unmerge()
 
 
-def _state_prefix(sam: Sam, layer: LoraLinear) -> str:
-    for path, m in sam.image_encoder.named_modules():
-        if m is layer:
-            return f"image_encoder.{path}"
-    raise KeyError("layer not in model")
-
-
 def adapter_state(sam: Sam, name: str) -> dict[str, torch.Tensor]:
     """Tensors of one adapter, keyed ``image_encoder.blocks.{i}.{module}.{target}.lora_{A|B}``."""
     adapter_config(sam, name)

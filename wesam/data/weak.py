@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-WEAK_KINDS = ("box", "point", "coarse", "coarse-box")
+WEAK_KINDS = ("box", "point", "coarse", "coarse-box", "ellipse")
 
 
 def _check_mask(mask: np.ndarray) -> np.ndarray:
@@ -185,11 +185,11 @@ class WeakLabel:
     """One prompt per instance; fields not used by ``kind`` are None.
 
     Attributes:
-        kind: "box" | "point" | "coarse" | "coarse-box".
+        kind: "box" | "point" | "coarse" | "coarse-box" | "ellipse".
         boxes: (N,4) float32 xyxy inclusive ("box", "coarse-box").
         point_coords: (N,K,2) float32 (x, y) ("point").
         point_labels: (N,K) int32, 1 positive / 0 negative / -1 padding ("point").
-        mask_inputs: (N,H,W) bool ("coarse").
+        mask_inputs: (N,H,W) bool ("coarse"; "ellipse": the ellipse inscribed in the tight box).
     """
 
     kind: str
@@ -202,6 +202,23 @@ class WeakLabel:
 def weak_rng(seed: int, key: str) -> np.random.Generator:
     """Generator depending only on (seed, key), e.g. key = image stem."""
     return np.random.default_rng([seed, zlib.crc32(key.encode())])
+
+
+def inscribed_ellipse_masks(boxes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The ellipse inscribed in each box: (N,4) xyxy inclusive (rounded) -> (N,H,W) bool.
+
+    Centre ((x0+x1)/2, (y0+y1)/2), semi-axes half the box's pixel extent (at least half a
+    pixel), as ``shared/tools/box_baseline.py`` draws it: the "ellipse" quality floor and,
+    through the mask-prompt path, the "ellipse" weak prompt.
+    """
+    h, w = hw
+    b = np.rint(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    rx = np.maximum((b[:, 2] - b[:, 0] + 1) / 2, 0.5)
+    ry = np.maximum((b[:, 3] - b[:, 1] + 1) / 2, 0.5)
+    dy = ((np.arange(h)[None, :] - cy[:, None]) / ry[:, None]) ** 2  # (N,H)
+    dx = ((np.arange(w)[None, :] - cx[:, None]) / rx[:, None]) ** 2  # (N,W)
+    return dy[:, :, None] + dx[:, None, :] <= 1.0
 
 
 def derive_weak_labels(
@@ -250,6 +267,8 @@ def derive_weak_labels(
         for i, m in enumerate(instances):
             coords[i], labels[i] = sample_points(m, n_pos, n_neg, rng)
         return WeakLabel(kind, point_coords=coords, point_labels=labels)
+    if kind == "ellipse":
+        return WeakLabel(kind, mask_inputs=inscribed_ellipse_masks(boxes_from_masks(instances), (h, w)))
     # coarse
     masks = np.zeros((n, h, w), dtype=bool)
     for i, m in enumerate(instances):

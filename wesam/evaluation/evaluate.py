@@ -12,11 +12,12 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from wesam.data.weak import boxes_from_masks, derive_weak_labels, WeakLabel
-from .metrics import SegmentationMeter, box_filled_masks
+from wesam.data.weak import WeakLabel, boxes_from_masks, derive_weak_labels, inscribed_ellipse_masks
 from wesam.sam.predictor import Prompts, SamPredictorCore
 
-PROMPT_KINDS = ("box", "point", "coarse", "coarse-box")
+from .metrics import SegmentationMeter, box_filled_masks
+
+PROMPT_KINDS = ("box", "point", "coarse", "coarse-box", "ellipse")
 MAX_PROMPTS_PER_CALL = 64
 
 
@@ -71,10 +72,12 @@ def evaluate(predictor: SamPredictorCore, samples: Iterable[SampleLike], spec: P
              progress: Any = None) -> dict[str, Any]:
     """Score the predictor and the box-filled baseline on ``samples``.
 
-    Returns ``{"miou", "f1", "n_images", "n_instances", "n_empty_both", "box_filled": {...}}``.
+    Returns ``{"miou", "f1", "n_images", "n_instances", "n_empty_both", "box_filled": {...},
+    "ellipse": {...}}``: the two quality floors drawn from each tight box (filled, and the
+    inscribed ellipse), scored the same way.
     ``progress`` is an optional callable wrapping the iterable (e.g. ``tqdm``).
     """
-    meter, baseline = SegmentationMeter(), SegmentationMeter()
+    meter, baseline, ellipse = SegmentationMeter(), SegmentationMeter(), SegmentationMeter()
     iterable = progress(samples) if progress else samples
     for s in iterable:
         gts = s.instances
@@ -82,11 +85,14 @@ def evaluate(predictor: SamPredictorCore, samples: Iterable[SampleLike], spec: P
         label = derive_weak_labels(gts, spec.kind, seed=spec.seed, key=s.stem, n_points=spec.n_points)
         prompts = prompts_from_weak(label, predictor, hw, spec.mask_logit)
         meter.add_image(predict_instances(predictor, s.image, prompts, spec.multimask), gts)
-        baseline.add_image(box_filled_masks(boxes_from_masks(gts), hw), gts)
+        tight = boxes_from_masks(gts)
+        baseline.add_image(box_filled_masks(tight, hw), gts)
+        ellipse.add_image(inscribed_ellipse_masks(tight, hw), gts)
         if progress is not None and hasattr(iterable, "set_postfix"):
             iterable.set_postfix(miou=f"{np.mean(meter.image_iou):.3f}", refresh=False)
     result = meter.summary()
     result["box_filled"] = baseline.summary()
+    result["ellipse"] = ellipse.summary()
     return result
 
 

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
+from wesam.sam.transforms import SamTransform
+
 from ..data.weak import boxes_from_masks, coarse_mask, jitter_boxes
 from ..losses import dice_loss_per_mask, focal_loss_per_mask, mask_iou
-from wesam.sam.transforms import SamTransform
 
 MODES = ("box", "click", "clicks", "coarse")
 MODE_WEIGHTS = (0.45, 0.25, 0.15, 0.15)

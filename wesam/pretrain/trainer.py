@@ -15,7 +15,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,10 +26,19 @@ import torch.nn.functional as F
 from wesam.evaluation.evaluate import PromptSpec, evaluate, inbox_logit_health
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.transforms import SamTransform
-from wesam.sam.zoo import SAM_MINI, SamConfig, build_sam, save_safetensors, sha256_file
+from wesam.sam.zoo import SAM_MINI, SamConfig, build_sam, save_safetensors
+
 from .augment import compose_training_sample
-from .prompting import (MODE_WEIGHTS, MODES, BoxPromptRecipe, box_regions, corrective_prompts, decode,
-                        initial_prompts, mask_losses)
+from .prompting import (
+    MODE_WEIGHTS,
+    MODES,
+    BoxPromptRecipe,
+    box_regions,
+    corrective_prompts,
+    decode,
+    initial_prompts,
+    mask_losses,
+)
 from .sources import SOURCE_SETS, SourceImage, load_source
 from .synthetic import SyntheticScenes, synthetic_validation_set
 
@@ -150,13 +159,24 @@ class Pretrainer:
         self._load_data()
 
     def _warm_start(self, ref: str) -> None:
+        """Copy every tensor of ``ref`` whose name and shape this architecture shares.
+
+        Same architecture: an exact copy. Another width of the prompt encoder and mask decoder
+        (``--decoder-dim``): the image encoder's trunk is copied and the rest starts fresh.
+        """
         from wesam.sam.zoo import resolve_model
 
         loaded = resolve_model(ref)
-        if loaded.config.to_json() != self.cfg.model_config.to_json():
-            raise ValueError(f"--init-from {ref}: architecture differs from the one being trained")
-        self.sam.load_state_dict(loaded.sam.state_dict())
-        self.log(f"warm start from {ref}")
+        own = self.sam.state_dict()
+        shared = {k: v for k, v in loaded.sam.state_dict().items() if k in own and own[k].shape == v.shape}
+        trunk = [k for k in own if k.startswith("image_encoder.blocks.")]
+        if not trunk or not all(k in shared for k in trunk):
+            raise ValueError(f"--init-from {ref}: its architecture ({loaded.config.to_json()}) shares no image "
+                             f"encoder with the one being trained ({self.cfg.model_config.to_json()})")
+        self.sam.load_state_dict(shared, strict=False)
+        fresh = sorted({k.split(".")[0] + "." + k.split(".")[1] for k in own if k not in shared})
+        self.log(f"warm start from {ref}: {len(shared)}/{len(own)} tensors copied"
+                 + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
 
     # -- data
     def _load_data(self) -> None:
@@ -339,10 +359,27 @@ RECIPE_FLAGS = {
 }
 
 
+def sam_mini_config(decoder_dim: int = SAM_MINI.prompt_embed_dim) -> SamConfig:
+    """sam-mini with another prompt-encoder / mask-decoder width (MLP and IoU head scaled alike).
+
+    SAM's decoder repeats the image tokens for every prompt, so at 256 px its width, not the
+    encoder, sets the cost of a training step.
+    """
+    if decoder_dim == SAM_MINI.prompt_embed_dim:
+        return SAM_MINI
+    if decoder_dim % SAM_MINI.decoder_num_heads or decoder_dim < 32:
+        raise ValueError(f"decoder width {decoder_dim}: use a multiple of {SAM_MINI.decoder_num_heads}, at least 32")
+    return replace(SAM_MINI, prompt_embed_dim=decoder_dim, decoder_mlp_dim=8 * decoder_dim,
+                   iou_head_hidden_dim=decoder_dim)
+
+
 def reproduce_command(cfg: dict[str, Any]) -> str:
     """The `wesam pretrain` command line that trains with the recipe ``cfg`` (a config JSON)."""
     defaults = _config_json(PretrainConfig())
     parts = ["wesam pretrain --data-root ../shared/data", f"--out {cfg.get('out_dir', 'runs/pretrain-sam-mini')}"]
+    width = (cfg.get("model_config") or {}).get("prompt_embed_dim", SAM_MINI.prompt_embed_dim)
+    if width != SAM_MINI.prompt_embed_dim:
+        parts.append(f"--decoder-dim {width}")
     for key, flag in RECIPE_FLAGS.items():
         value = cfg.get(key)
         if value is not None and (value != defaults.get(key) or key in ("time_budget_min", "seed")):
