@@ -90,6 +90,17 @@ def test_training_steps_resume_and_health(tmp_path: Path) -> None:
     resumed = Pretrainer(_cfg(tmp_path, steps=3), log=logs.append)
     assert resumed.resume() and resumed.step == 2
     assert resumed.run()["steps"] == 3
+    # The learning curve is readable from the run directory for the benchmark report.
+    import contextlib
+    import io
+
+    from wesam.bench import pretrain_curve
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert pretrain_curve.main([f"micro={tmp_path / 'run'}", "--shipped", "", "--no-results"]) == 0
+    table = out.getvalue()
+    assert "### micro" in table and "in-box object logit" in table and table.count("\n| ") >= 3
 
 
 def test_warm_start_loads_the_weights_and_records_a_first_point(tmp_path: Path) -> None:

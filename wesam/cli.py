@@ -275,7 +275,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
-           "serve": "wesam.bench.serve", "export": "wesam.bench.export_speed"}
+           "serve": "wesam.bench.serve", "export": "wesam.bench.export_speed",
+           "pretrain-curve": "wesam.bench.pretrain_curve"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

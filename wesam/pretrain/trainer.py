@@ -336,6 +336,8 @@ class Pretrainer:
         res = self.validate()
         res["train_loss"] = train_loss
         self.history.append(res)
+        # The learning curve as it grows, readable without torch (wesam bench pretrain-curve).
+        (self.out / "history.json").write_text(json.dumps(self.history, indent=1) + "\n")
         if res["score"] > self.best_score:
             self.best_score = res["score"]
             self._export_best(res)
