@@ -300,13 +300,15 @@ class Pretrainer:
         if resume:
             self.resume()
         cfg = self.cfg
+        if self.step == 0 and cfg.init_from and not self.history:
+            # The warm start's own point on the learning curve; before the clock starts, so that
+            # validation time is not counted as training time.
+            self._validate_and_keep(None)
         total = cfg.steps or None
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=5)
         last_ckpt = last_eval = time.monotonic()
         t0 = time.monotonic() - self.elapsed
         ema = None
-        if self.step == 0 and cfg.init_from and not self.history:
-            self._validate_and_keep(None)  # the warm start's own point on the learning curve
         try:
             while not cfg.done(self.step, self.elapsed):
                 stats = self.train_step()
