@@ -9,11 +9,19 @@ means the write endpoints are disabled (403), a missing token is 401, a wrong on
 # No ``from __future__ import annotations`` here: FastAPI reads the handlers' annotations at runtime.
 import hmac
 import re
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import BaseModel, Field
 
-from .errors import BadRequest, Forbidden, ServiceError, Unauthorized
+from wesam.errors import WesamError
+
+from .errors import BadRequest, Forbidden, Overloaded, ServiceError, Unauthorized, to_service_error
+from .messages import RuntimeClient
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from .metrics import Metrics
 
 
 class ActivateBody(BaseModel):
@@ -47,8 +55,9 @@ def parse_version(value: Any) -> int:
     return version
 
 
-def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any = None):
-    """``runtime()`` returns the model runtime (async ``status``, ``reload``, ``activate``)."""
+def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
+                   metrics: "Metrics | None" = None) -> "FastAPI":
+    """``runtime()`` returns the model runtime's client (``status``, ``reload``, ``activate``)."""
     from fastapi import FastAPI, Header
     from fastapi.responses import JSONResponse
 
@@ -56,7 +65,8 @@ def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any =
 
     app = FastAPI(title="wesam adapters", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
 
-    def error(e: ServiceError) -> Any:
+    def error(exc: Exception) -> Any:
+        e = to_service_error(exc, "admin")
         if metrics is not None:
             metrics.error(e.kind, "admin")
         headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
@@ -65,18 +75,17 @@ def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any =
     async def call(name: str, *args: Any) -> Any:
         try:
             return await getattr(runtime(), name)(*args)
-        except ServiceError:
+        except WesamError:
             raise
-        except Exception as e:
-            raise ServiceError(f"model runtime unavailable ({type(e).__name__})", status=503,
-                               kind="overloaded") from None
+        except Exception as e:  # the runtime process is unreachable or failed: the client may retry
+            raise Overloaded(f"model runtime unavailable ({type(e).__name__})") from None
 
     @app.get("/adapters", response_model=None, tags=["adapters"],
              summary="Served model, domains, active and loaded adapter versions, cache state")
     async def list_adapters():
         try:
             return JSONResponse(await call("status"))
-        except ServiceError as e:
+        except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 
     @app.post("/adapters/reload", response_model=None, tags=["adapters"],
@@ -85,7 +94,7 @@ def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any =
         try:
             check_admin(authorization, token)
             return JSONResponse(await call("reload", True))
-        except ServiceError as e:
+        except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 
     @app.post("/adapters/{domain}/activate", response_model=None, tags=["adapters"],
@@ -99,7 +108,7 @@ def make_admin_app(runtime: Callable[[], Any], token: str | None, metrics: Any =
             if "error" in out:
                 raise ServiceError.from_json(out)
             return JSONResponse(out)
-        except ServiceError as e:
+        except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 
     return app

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Callable
 
 from wesam.sam.predictor import ImageEmbedding
 
@@ -21,7 +21,6 @@ class CacheEntry:
     embedding: ImageEmbedding
     adapter: str  # "base" or "domain@vN"
     domain: str | None
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -74,10 +73,6 @@ class EmbeddingCache:
         self._on_event("miss" if entry is None else "hit", 1)
         return entry
 
-    def peek(self, key: str) -> CacheEntry | None:
-        """Look without counting a hit or miss or refreshing recency."""
-        return self._items.get(key)
-
     def put(self, key: str, entry: CacheEntry) -> bool:
         """Insert (or replace) ``key``; evicts least recently used entries to fit. False if too big."""
         size = entry.nbytes
@@ -110,9 +105,3 @@ class EmbeddingCache:
         if keys:
             self._on_event("size", 0)
         return len(keys)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-        self._on_event("size", 0)

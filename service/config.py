@@ -14,12 +14,9 @@ from typing import Any, Mapping
 
 from wesam.errors import ConfigError  # noqa: F401  (serving config errors are wesam config errors)
 
-
 PREFIX = "WESAM_SERVE_"
 RUNTIMES = ("torch", "onnx")
 BASE = "base"  # the domain name that means "no adapter" (also used by export bundles)
-
-
 
 
 @dataclass(frozen=True)

@@ -12,18 +12,27 @@ import hashlib
 import logging
 import threading
 import time
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wesam.adapters.ref import AdapterRef
+from wesam.errors import WesamError
 from wesam.sam.predictor import ImageEmbedding, Prompts
 
 from . import codec
 from .cache import CacheEntry, EmbeddingCache
 from .config import ServeConfig
-from .errors import BadRequest, Internal, InvalidPrompt, PayloadTooLarge, ServiceError, UnknownImageId
+from .errors import (BadRequest, DomainMismatch, Internal, InvalidPrompt, PayloadTooLarge, UnknownImageId,
+                     to_service_error)
 from .messages import InferItem, InferResult
-from .router import AdapterRouter, Route, activate_checked
+from .router import AdapterRouter, Route
+from .runtime import AdapterHandle, ModelRuntime
+
+if TYPE_CHECKING:
+    from wesam.sam.zoo import LoadedModel
+
+    from .metrics import Metrics
 
 log = logging.getLogger("wesam.service")
 
@@ -39,7 +48,8 @@ def embedding_key(content_hash: str, model_id: str, route_key: str, runtime: str
 
 
 class SegmentEngine:
-    def __init__(self, model: Any, runtime: Any, config: ServeConfig, metrics: Any = None) -> None:
+    def __init__(self, model: LoadedModel, runtime: ModelRuntime, config: ServeConfig,
+                 metrics: Metrics | None = None) -> None:
         self.model = model
         self.runtime = runtime
         self.config = config
@@ -58,7 +68,7 @@ class SegmentEngine:
         self._watcher: threading.Thread | None = None
 
     @classmethod
-    def from_config(cls, config: ServeConfig, metrics: Any = None) -> "SegmentEngine":
+    def from_config(cls, config: ServeConfig, metrics: Metrics | None = None) -> "SegmentEngine":
         """Load the base model, the runtime and every active adapter (the slow part of startup)."""
         import torch
 
@@ -83,14 +93,14 @@ class SegmentEngine:
         if self.metrics is not None:
             self.metrics.cache_event(name, count, self.cache)
 
-    def _adapter_event(self, event: str, domain: str, version: int, ref: str) -> None:
+    def _adapter_event(self, event: str, ref: AdapterRef) -> None:
         if self.metrics is not None:
-            self.metrics.adapter_event(event, domain, version, ref)
+            self.metrics.adapter_event(event, ref)
 
-    def _unload(self, handle: Any) -> None:
+    def _unload(self, handle: AdapterHandle) -> None:
         self.runtime.unload_adapter(handle)
         # A rolled-back version must stop serving, also to clients holding its image_ids.
-        self.cache.drop_adapter(handle.ref)
+        self.cache.drop_adapter(str(handle.ref))
 
     # -- adapters --------------------------------------------------------------------------------
     def refresh(self, force: bool = False) -> dict[str, Any]:
@@ -99,7 +109,7 @@ class SegmentEngine:
 
     def activate(self, domain: str, version: int) -> dict[str, Any]:
         with self.lock:
-            return activate_checked(self.router, domain, version)
+            return self.router.activate(domain, version)
 
     def served_domains(self) -> set[str]:
         return set(self.router.slots)
@@ -166,8 +176,8 @@ class SegmentEngine:
                 try:
                     key, entry = self._lookup_id(item)
                     found(i, key, entry)
-                except ServiceError as e:
-                    results[i] = InferResult(error=e.to_json())
+                except WesamError as e:
+                    results[i] = _failed(e)
         if with_image:
             with self.lock:  # routes stay valid until the encoder ran: no adapter is swapped meanwhile
                 pending: dict[str, dict[str, list[int]]] = {}  # route key -> embedding key -> item indices
@@ -175,8 +185,8 @@ class SegmentEngine:
                 for i in with_image:
                     try:
                         route, key, entry = self._lookup_image(items[i])
-                    except ServiceError as e:
-                        results[i] = InferResult(error=e.to_json())
+                    except WesamError as e:
+                        results[i] = _failed(e)
                         continue
                     if entry is not None:
                         found(i, key, entry)
@@ -193,12 +203,12 @@ class SegmentEngine:
                 continue
             try:
                 self._decode(item, entries[i], res)
-            except ServiceError as e:
-                results[i] = InferResult(error=e.to_json())
+            except WesamError as e:
+                results[i] = _failed(e)
             except Exception as e:  # a runtime failure on one request must not take the batch down
                 log.exception("decoder failed")
-                results[i] = InferResult(error=Internal(f"decoder failed: {type(e).__name__}").to_json())
-        return [r if r is not None else InferResult(error=Internal("no result").to_json()) for r in results]
+                results[i] = _failed(Internal(f"decoder failed: {type(e).__name__}"))
+        return [r if r is not None else _failed(Internal("no result")) for r in results]
 
     def _lookup_image(self, item: InferItem) -> tuple[Route, str, CacheEntry | None]:
         image = codec.check_pixels(np.asarray(item.image), max_pixels=self.config.max_image_pixels)
@@ -218,10 +228,9 @@ class SegmentEngine:
         if item.domain not in (None, ""):
             route = self.router.resolve(item.domain)
             if route.domain != entry.domain:
-                raise ServiceError(f"image_id {item.image_id!r} was embedded for "
-                                   f"{entry.domain or 'the base model'} ({entry.adapter}), not "
-                                   f"{route.domain or 'the base model'}; omit `domain` or send the image",
-                                   status=409, kind="domain_mismatch")
+                raise DomainMismatch(f"image_id {item.image_id!r} was embedded for "
+                                     f"{entry.domain or 'the base model'} ({entry.adapter}), not "
+                                     f"{route.domain or 'the base model'}; omit `domain` or send the image")
         return item.image_id, entry
 
     def _encode_group(self, items: list[InferItem], route: Route, by_key: dict[str, list[int]],
@@ -238,7 +247,7 @@ class SegmentEngine:
                 log.exception("encoder failed for %s", route.adapter)
                 for k in chunk:
                     for i in by_key[k]:
-                        results[i] = InferResult(error=Internal(f"encoder failed: {type(e).__name__}").to_json())
+                        results[i] = _failed(Internal(f"encoder failed: {type(e).__name__}"))
                 continue
             dt = time.perf_counter() - t0
             if self.metrics is not None:
@@ -270,14 +279,14 @@ class SegmentEngine:
         res.timings_ms = {**res.timings_ms, "decoder": dt * 1000}
 
     def build_prompts(self, item: InferItem, emb: ImageEmbedding) -> Prompts:
-        """Range checks against the image size, mask-prompt conversion, output-size budget."""
+        """What needs the image: coordinates inside it, mask prompts at its size, the answer's size.
+
+        Shapes, counts and values were checked by ``prompts.validate_prompts`` when the request was
+        parsed (HTTP front or gRPC endpoint), so they are not checked again here.
+        """
         p = item.prompts
         h, w = emb.original_size
         n = p.count()
-        if n == 0:
-            raise InvalidPrompt("no prompt given")
-        if n > self.config.max_prompts:
-            raise InvalidPrompt(f"{n} prompts, over the limit of {self.config.max_prompts}")
         m = 3 if item.multimask else 1
         cost = n * m * h * w * (5 if item.return_logits else 1)
         if cost > self.config.max_mask_pixels:
@@ -288,16 +297,11 @@ class SegmentEngine:
             if arr is None:
                 continue
             xy = np.asarray(arr, dtype=np.float64).reshape(-1, 2)
-            if not np.isfinite(xy).all():
-                raise InvalidPrompt(f"{name} contain NaN or infinite values")
             bad = (xy[:, 0] < 0) | (xy[:, 0] > w) | (xy[:, 1] < 0) | (xy[:, 1] > h)
             if bad.any():
                 x, y = xy[np.argmax(bad)]
                 raise InvalidPrompt(f"{name} coordinate ({x:g}, {y:g}) is outside the {w}x{h} image "
                                     f"(x in [0, {w}], y in [0, {h}])")
-        if p.point_coords is not None and p.point_coords.shape[1] > self.config.max_points:
-            raise InvalidPrompt(f"{p.point_coords.shape[1]} points per prompt, over the limit of "
-                                f"{self.config.max_points}")
         mask_inputs = None
         if p.mask_binary is not None:
             masks = np.asarray(p.mask_binary, dtype=bool)
@@ -314,12 +318,10 @@ class SegmentEngine:
         try:
             return Prompts(point_coords=p.point_coords, point_labels=p.point_labels, boxes=p.boxes,
                            mask_inputs=mask_inputs)
-        except ValueError as e:
+        except ValueError as e:  # the predictor's own guards, for callers that built PromptArrays by hand
             raise InvalidPrompt(str(e)) from None
 
 
-def first_error(results: Iterable[InferResult]) -> ServiceError | None:
-    for r in results:
-        if r.error is not None:
-            return ServiceError.from_json(r.error)
-    return None
+def _failed(error: BaseException) -> InferResult:
+    """One item's error, answered instead of raised so the rest of its batch is served."""
+    return InferResult(error=to_service_error(error).to_json())

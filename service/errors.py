@@ -1,76 +1,163 @@
-"""Errors the service answers with: an HTTP status, a stable ``kind`` and a message for humans.
+"""Errors the service answers with: a stable ``kind``, a message for humans, and the HTTP status.
 
 The ``kind`` is what clients and the ``wesam_errors_total{kind}`` metric key on; the message may
-change. Every error a request can cause is one of these, so no bad input reaches a 500.
+change. ``HTTP_STATUS`` is the one place where kinds become HTTP statuses (the gRPC endpoint has
+its own table of gRPC codes, ``grpc_server.GRPC_CODES``). Every ``WesamError`` that reaches a
+request boundary goes through :func:`to_service_error`, so a refused adapter or a malformed
+adapter reference is answered by its kind, and no bad input reaches a 500.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from wesam.errors import WesamError
 
-class ServiceError(Exception):
-    """A request that cannot be served, with the HTTP status to answer it with."""
+log = logging.getLogger("wesam.service")
 
-    status: int = 400
+# kind -> HTTP status. The gRPC table in grpc_server.py must name the same kinds (a test checks both
+# cover every kind defined in the code).
+HTTP_STATUS: dict[str, int] = {
+    # the service's own kinds
+    "bad_request": 400,
+    "invalid_image": 400,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "unknown_domain": 404,
+    "unknown_version": 404,
+    "unknown_image_id": 404,
+    "unknown_model": 404,
+    "domain_mismatch": 409,
+    "adapter_refused": 409,
+    "no_registry": 409,
+    "too_large": 413,
+    "unsupported_media_type": 415,
+    "invalid_prompt": 422,
+    "internal": 500,
+    "adapter_unavailable": 503,
+    "overloaded": 503,
+    # wesam core errors reaching a request boundary: the client's fault -> 4xx, the server's -> 5xx
+    "invalid_adapter_ref": 400,  # a malformed domain name or domain@vN
+    "invalid_argument": 400,
+    "invalid_data": 400,  # the only data a server reads per request is the client's
+    "adapter": 409,  # an artifact that cannot be served here, as for adapter_refused
+    "config": 500,  # the server's configuration, not the request
+    "model_load": 500,
+    "export": 500,
+    "error": 500,  # WesamError without a more specific kind
+    "interrupted": 503,  # shutting down: retry elsewhere
+}
+DEFAULT_STATUS = 500
+
+
+def http_status(kind: str) -> int:
+    return HTTP_STATUS.get(kind, DEFAULT_STATUS)
+
+
+class ServiceError(WesamError):
+    """A request that cannot be served. The status comes from ``HTTP_STATUS`` by ``kind``;
+    ``status=`` overrides it for one instance (an error read back from another process)."""
+
     kind: str = "bad_request"
 
-    def __init__(self, message: str, *, status: int | None = None, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if status is not None:
-            self.status = status
-        if kind is not None:
-            self.kind = kind
+    def __init__(self, message: str, *, kind: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, kind=kind)
+        self._status = status
+
+    @property
+    def status(self) -> int:
+        return self._status if self._status is not None else http_status(self.kind)
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.message, "kind": self.kind, "status": self.status}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ServiceError":
-        return cls(str(data.get("error", "error")), status=int(data.get("status", 500)),
+        """The error the model runtime answered with (``InferResult.error``, ``activate``)."""
+        return cls(str(data.get("error", "error")), status=int(data.get("status", DEFAULT_STATUS)),
                    kind=str(data.get("kind", "internal")))
 
 
 class BadRequest(ServiceError):
-    status, kind = 400, "bad_request"
+    kind = "bad_request"
 
 
 class InvalidImage(ServiceError):
-    status, kind = 400, "invalid_image"
+    kind = "invalid_image"
 
 
 class PayloadTooLarge(ServiceError):
-    status, kind = 413, "too_large"
+    kind = "too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    kind = "unsupported_media_type"
 
 
 class InvalidPrompt(ServiceError):
-    status, kind = 422, "invalid_prompt"
+    kind = "invalid_prompt"
 
 
 class UnknownDomain(ServiceError):
-    status, kind = 404, "unknown_domain"
+    kind = "unknown_domain"
+
+
+class UnknownVersion(ServiceError):
+    kind = "unknown_version"
 
 
 class UnknownImageId(ServiceError):
-    status, kind = 404, "unknown_image_id"
+    kind = "unknown_image_id"
+
+
+class UnknownModel(ServiceError):
+    """A KServe model name or version this server does not have."""
+
+    kind = "unknown_model"
+
+
+class DomainMismatch(ServiceError):
+    kind = "domain_mismatch"
+
+
+class AdapterRefused(ServiceError):
+    kind = "adapter_refused"
+
+
+class NoRegistry(ServiceError):
+    kind = "no_registry"
 
 
 class AdapterUnavailable(ServiceError):
-    status, kind = 503, "adapter_unavailable"
+    kind = "adapter_unavailable"
 
 
 class Unauthorized(ServiceError):
-    status, kind = 401, "unauthorized"
+    kind = "unauthorized"
 
 
 class Forbidden(ServiceError):
-    status, kind = 403, "forbidden"
+    kind = "forbidden"
 
 
 class Overloaded(ServiceError):
-    status, kind = 503, "overloaded"
+    kind = "overloaded"
 
 
 class Internal(ServiceError):
-    status, kind = 500, "internal"
+    kind = "internal"
+
+
+def to_service_error(exc: BaseException, what: str = "request") -> ServiceError:
+    """The answer for any exception at a request boundary (HTTP front, admin API, gRPC, runtime).
+
+    ``WesamError``s keep their kind and message; anything else is a bug: logged with its traceback
+    (``what`` says where) and answered 500 ``internal`` naming only the exception type.
+    """
+    if isinstance(exc, ServiceError):
+        return exc
+    if isinstance(exc, WesamError):
+        return ServiceError(exc.message or str(exc), kind=exc.kind)
+    log.error("%s failed", what, exc_info=exc)
+    return Internal(f"internal error: {type(exc).__name__}")

@@ -1,24 +1,30 @@
 """The HTTP front's work, free of BentoML: parse bodies, call the runtime, format answers.
 
-``Frontend`` takes the runtime as any object with ``async infer(list[InferItem])`` and
-``async decode(InferItem)`` (BentoML's dependency proxy in the server, an in-process engine in
-tests) and answers ``(status, json)``; the service class only moves bytes in and out.
+``Frontend`` takes the runtime as a ``messages.RuntimeClient`` (BentoML's dependency proxy in the
+server, ``LocalRuntime`` over an in-process engine in tests) and answers ``(status, json)``; the
+service class only moves bytes in and out.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from wesam.errors import WesamError
+
 from . import codec
 from .config import ServeConfig
-from .errors import Internal, Overloaded, ServiceError
-from .messages import InferItem, InferResult
+from .errors import Internal, Overloaded, ServiceError, to_service_error
+from .messages import InferItem, InferResult, RuntimeClient
 from .metrics import domain_label
 from .requests import ParsedRequest, parse_embed, parse_segment
+
+if TYPE_CHECKING:
+    from .engine import SegmentEngine
+    from .metrics import Metrics
 
 log = logging.getLogger("wesam.service")
 
@@ -27,7 +33,7 @@ class Frontend:
     SERVED_TTL_S = 5.0
     CONNECTION_RETRIES = 2
 
-    def __init__(self, config: ServeConfig, runtime: Any, metrics: Any = None) -> None:
+    def __init__(self, config: ServeConfig, runtime: RuntimeClient, metrics: Metrics | None = None) -> None:
         self.config = config
         self.runtime = runtime
         self.metrics = metrics
@@ -84,13 +90,8 @@ class Frontend:
                 "total": (t_end - t0) * 1000,
             }
             status = 200
-        except ServiceError as e:
-            status, body = e.status, e.to_json()
-            if self.metrics is not None:
-                self.metrics.error(e.kind, endpoint)
-        except Exception as e:  # never a bare 500 page: a JSON error naming the failure
-            log.exception("%s failed", endpoint)
-            err = Internal(f"internal error: {type(e).__name__}")
+        except Exception as e:  # never a bare 500 page: a JSON error with its kind
+            err = to_service_error(e, endpoint)
             status, body = err.status, err.to_json()
             if self.metrics is not None:
                 self.metrics.error(err.kind, endpoint)
@@ -109,7 +110,7 @@ class Frontend:
                 if item.image is None:  # prompt-only: straight to the decoder, never queued behind encodes
                     return await self.runtime.decode(item)
                 return (await self.runtime.infer([item]))[0]
-            except ServiceError:
+            except WesamError:
                 raise
             except Exception as e:
                 # BentoML's client raises with the runtime's HTTP status; a connection-level failure
@@ -150,9 +151,9 @@ class Frontend:
 
 
 class LocalRuntime:
-    """The runtime protocol over an in-process ``SegmentEngine`` (tests, scripts, notebooks)."""
+    """A ``RuntimeClient`` over an in-process ``SegmentEngine`` (tests, scripts, notebooks)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: SegmentEngine) -> None:
         self.engine = engine
 
     async def infer(self, items: list[InferItem]) -> list[InferResult]:
@@ -170,5 +171,5 @@ class LocalRuntime:
     async def activate(self, domain: str, version: int) -> dict[str, Any]:
         try:
             return await anyio.to_thread.run_sync(lambda: self.engine.activate(domain, version))
-        except ServiceError as e:
-            return e.to_json()
+        except WesamError as e:
+            return to_service_error(e).to_json()

@@ -8,7 +8,10 @@ messages and servicer base class that ``tritonclient`` ships (``tritonclient.grp
 so NVIDIA's ``tritonclient.grpc`` talks to it like to Triton.
 
 It runs as a thread inside the model-runtime process and calls the same ``SegmentEngine`` as the
-HTTP API: one resident model, the same adapters, the same embedding cache and metrics.
+HTTP API: one resident model, the same adapters, the same embedding cache and metrics. Prompts are
+checked by the same ``prompts.validate_prompts`` as HTTP's, straight from the tensors' arrays.
+Errors become gRPC status codes in one place: handlers raise, ``ErrorInterceptor`` answers with
+``GRPC_CODES[kind]`` and the details ``[kind] message``.
 
 Model ``segment`` (version 1, no batch dimension: prompts and image sizes vary per request):
 
@@ -31,17 +34,22 @@ from __future__ import annotations
 import logging
 import time
 from concurrent import futures
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from . import codec
 from .config import ServeConfig
-from .errors import BadRequest, InvalidImage, ServiceError
-from .messages import InferItem
+from .errors import BadRequest, InvalidImage, ServiceError, UnknownModel, to_service_error
+from .messages import InferItem, InferResult
 from .metrics import domain_label
-from .requests import build_prompts
-from .schemas import SegmentRequest
+from .prompts import validate_prompts
+
+if TYPE_CHECKING:
+    import grpc
+
+    from .engine import SegmentEngine
+    from .metrics import Metrics
 
 log = logging.getLogger("wesam.service")
 
@@ -72,14 +80,47 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 
-def _status_code(status: int):
+# kind -> gRPC status code (``grpc.StatusCode`` names), the twin of ``errors.HTTP_STATUS``: the same
+# kinds (tests/test_service_core.py checks both cover every kind), and the code that corresponds to
+# the kind's HTTP status (every 4xx client error, too large ones included, is INVALID_ARGUMENT).
+GRPC_CODES: dict[str, str] = {
+    "bad_request": "INVALID_ARGUMENT",
+    "invalid_image": "INVALID_ARGUMENT",
+    "unauthorized": "UNAUTHENTICATED",
+    "forbidden": "PERMISSION_DENIED",
+    "unknown_domain": "NOT_FOUND",
+    "unknown_version": "NOT_FOUND",
+    "unknown_image_id": "NOT_FOUND",
+    "unknown_model": "NOT_FOUND",
+    "domain_mismatch": "FAILED_PRECONDITION",
+    "adapter_refused": "FAILED_PRECONDITION",
+    "no_registry": "FAILED_PRECONDITION",
+    "too_large": "INVALID_ARGUMENT",
+    "unsupported_media_type": "INVALID_ARGUMENT",
+    "invalid_prompt": "INVALID_ARGUMENT",
+    "internal": "INTERNAL",
+    "adapter_unavailable": "UNAVAILABLE",
+    "overloaded": "UNAVAILABLE",
+    "invalid_adapter_ref": "INVALID_ARGUMENT",
+    "invalid_argument": "INVALID_ARGUMENT",
+    "invalid_data": "INVALID_ARGUMENT",
+    "adapter": "FAILED_PRECONDITION",
+    "config": "INTERNAL",
+    "model_load": "INTERNAL",
+    "export": "INTERNAL",
+    "error": "INTERNAL",
+    "interrupted": "UNAVAILABLE",
+}
+
+
+def grpc_status(error: ServiceError) -> tuple["grpc.StatusCode", str]:
+    """The gRPC code and details answering ``error``."""
     import grpc
 
-    return {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-            403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
-            409: grpc.StatusCode.FAILED_PRECONDITION, 413: grpc.StatusCode.INVALID_ARGUMENT,
-            415: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.INVALID_ARGUMENT,
-            503: grpc.StatusCode.UNAVAILABLE}.get(status, grpc.StatusCode.INTERNAL)
+    code = grpc.StatusCode[GRPC_CODES.get(error.kind, "INTERNAL")]
+    if isinstance(error, UnknownModel):  # KServe routing, worded as Triton does (no kind prefix)
+        return code, error.message
+    return code, f"[{error.kind}] {error.message}"
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -140,6 +181,21 @@ def _one_string(inputs: dict[str, Any], name: str) -> str | None:
         raise BadRequest(f"{name} is not UTF-8") from None
 
 
+def _prompt_tensor(inputs: dict[str, Any], name: str, ndim: int | None) -> np.ndarray | None:
+    """A numeric prompt tensor's array; the rank KServe metadata declares (``ndim``) is checked here,
+    everything else by ``validate_prompts``."""
+    if name not in inputs:
+        return None
+    dtype, value = inputs[name]
+    if dtype == "BYTES":
+        raise BadRequest(f"{name} must be numeric")
+    value = np.asarray(value)
+    if ndim is not None and value.ndim != ndim:
+        raise BadRequest(f"invalid prompt tensors: {name} must have {ndim} dimensions, got shape "
+                         f"{list(value.shape)}")
+    return value
+
+
 def build_item(inputs: dict[str, Any], config: ServeConfig) -> InferItem:
     image = None
     if "IMAGE" in inputs:
@@ -158,32 +214,50 @@ def build_item(inputs: dict[str, Any], config: ServeConfig) -> InferItem:
         raise BadRequest("give IMAGE or IMAGE_ID")
     if image is not None and image_id is not None:
         raise BadRequest("give either IMAGE or IMAGE_ID, not both")
-
-    def numbers(name: str) -> list | None:
-        if name not in inputs:
-            return None
-        dtype, value = inputs[name]
-        if dtype == "BYTES":
-            raise BadRequest(f"{name} must be numeric")
-        return np.asarray(value, dtype=np.float64).tolist()
-
-    labels = numbers("LABELS")
+    labels = _prompt_tensor(inputs, "LABELS", None)
     multimask = False
     if "MULTIMASK" in inputs:
         dtype, value = inputs["MULTIMASK"]
         if dtype != "BOOL" or value.size != 1:
             raise BadRequest("MULTIMASK must be BOOL [1]")
         multimask = bool(value.reshape(-1)[0])
-    try:
-        req = SegmentRequest(boxes=numbers("BOXES"), points=numbers("POINTS"),
-                             point_labels=None if labels is None else [int(v) for v in np.reshape(labels, -1)],
-                             multimask=multimask)
-    except ValueError as e:
-        raise BadRequest(f"invalid prompt tensors: {e}") from None
-    prompts = build_prompts(req, config)
+    boxes = _prompt_tensor(inputs, "BOXES", 2)
+    points = _prompt_tensor(inputs, "POINTS", 2)
+    prompts = validate_prompts(config, boxes=boxes, points=points,
+                               point_labels=None if labels is None else labels.reshape(-1))
     return InferItem(image=image, content_hash=codec.content_hash(image) if image is not None else None,
                      image_id=image_id, domain=_one_string(inputs, "DOMAIN"), prompts=prompts,
                      multimask=multimask)
+
+
+def _error_interceptor_class():
+    import grpc
+
+    class ErrorInterceptor(grpc.ServerInterceptor):
+        """The one place where exceptions become gRPC statuses (lorax's pattern): a handler raises a
+        ``WesamError`` (or anything else: a bug, logged and answered INTERNAL) and the call is
+        aborted with ``GRPC_CODES[kind]``."""
+
+        def intercept_service(self, continuation: Callable, handler_call_details: Any) -> Any:
+            handler = continuation(handler_call_details)
+            if handler is None or handler.unary_unary is None:  # every KServe v2 call used here is unary
+                return handler
+            method = handler_call_details.method.rsplit("/", 1)[-1]
+            behaviour = handler.unary_unary
+
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return behaviour(request, context)
+                except Exception as e:
+                    if context.code() not in (None, grpc.StatusCode.OK):
+                        raise  # the handler aborted the call itself
+                    code, details = grpc_status(to_service_error(e, f"gRPC {method}"))
+                    context.abort(code, details)
+
+            return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
+                                                       response_serializer=handler.response_serializer)
+
+    return ErrorInterceptor
 
 
 def _servicer_class():
@@ -194,7 +268,9 @@ def _servicer_class():
     from wesam.version import __version__
 
     class KServeServicer(pbg.GRPCInferenceServiceServicer):
-        def __init__(self, engine: Any, config: ServeConfig, metrics: Any = None) -> None:
+        """The KServe v2 calls; errors are raised and answered by ``ErrorInterceptor``."""
+
+        def __init__(self, engine: SegmentEngine, config: ServeConfig, metrics: Metrics | None = None) -> None:
             self.engine = engine
             self.config = config
             self.metrics = metrics
@@ -206,13 +282,12 @@ def _servicer_class():
         def ServerReady(self, request, context):
             return pb.ServerReadyResponse(ready=bool(self.engine.ready))
 
-        def _check_model(self, name: str, version: str, context) -> None:
-            import grpc
-
+        @staticmethod
+        def _check_model(name: str, version: str) -> None:
             if name != MODEL:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}; this server has {MODEL!r}")
+                raise UnknownModel(f"unknown model {name!r}; this server has {MODEL!r}")
             if version not in ("", VERSION):
-                context.abort(grpc.StatusCode.NOT_FOUND, f"model {MODEL} has version {VERSION} only")
+                raise UnknownModel(f"model {MODEL} has version {VERSION} only")
 
         def ModelReady(self, request, context):
             if request.name != MODEL or request.version not in ("", VERSION):
@@ -223,7 +298,7 @@ def _servicer_class():
             return pb.ServerMetadataResponse(name="wesam", version=__version__, extensions=[])
 
         def ModelMetadata(self, request, context):
-            self._check_model(request.name, request.version, context)
+            self._check_model(request.name, request.version)
             tm = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=MODEL, versions=[VERSION], platform=PLATFORM,
@@ -231,7 +306,7 @@ def _servicer_class():
                 outputs=[tm(name=n, datatype=d, shape=s) for n, d, s in OUTPUTS])
 
         def ModelConfig(self, request, context):
-            self._check_model(request.name, request.version, context)
+            self._check_model(request.name, request.version)
             types = {"UINT8": mc.TYPE_UINT8, "BYTES": mc.TYPE_STRING, "FP32": mc.TYPE_FP32,
                      "INT32": mc.TYPE_INT32, "BOOL": mc.TYPE_BOOL}
             cfg = mc.ModelConfig(name=MODEL, platform=PLATFORM, max_batch_size=0)
@@ -243,11 +318,9 @@ def _servicer_class():
 
         # -- inference -----------------------------------------------------------------------
         def ModelInfer(self, request, context):
-            self._check_model(request.model_name, request.model_version, context)
+            self._check_model(request.model_name, request.model_version)
             t0 = time.perf_counter()
-            label, adapter, status = "base", "none", 200
-            error: ServiceError | None = None
-            response = None
+            label, adapter = "base", "none"
             try:
                 inputs = read_inputs(request, self.config.max_body_bytes)
                 item = build_item(inputs, self.config)
@@ -257,22 +330,21 @@ def _servicer_class():
                     raise ServiceError.from_json(result.error)
                 adapter, label = result.adapter or "base", domain_label(result.domain)
                 response = self._response(request, result)
-            except ServiceError as e:
-                error = e
-            except Exception as e:  # never crash the endpoint: answer INTERNAL and log
-                log.exception("gRPC ModelInfer failed")
-                error = ServiceError(f"internal error: {type(e).__name__}", status=500, kind="internal")
-            if error is not None:
-                status = error.status
-            if self.metrics is not None:
-                if error is not None:
-                    self.metrics.error(error.kind, "grpc")
-                self.metrics.request("grpc", label, adapter, status, time.perf_counter() - t0)
-            if error is not None:
-                context.abort(_status_code(error.status), f"[{error.kind}] {error.message}")
+            except Exception as e:
+                error = to_service_error(e, "gRPC ModelInfer")
+                self._observe(label, adapter, error.status, t0, error.kind)
+                raise error from None  # answered by ErrorInterceptor
+            self._observe(label, adapter, 200, t0)
             return response
 
-        def _response(self, request, result):
+        def _observe(self, label: str, adapter: str, status: int, t0: float, kind: str | None = None) -> None:
+            if self.metrics is None:
+                return
+            if kind is not None:
+                self.metrics.error(kind, "grpc")
+            self.metrics.request("grpc", label, adapter, status, time.perf_counter() - t0)
+
+        def _response(self, request, result: InferResult):
             from tritonclient.utils import serialize_byte_tensor
 
             wanted = [o.name for o in request.outputs] or [n for n, _, _ in OUTPUTS]
@@ -298,7 +370,8 @@ def _servicer_class():
     return KServeServicer
 
 
-def start_grpc_server(engine: Any, config: ServeConfig, metrics: Any = None, port: int | None = None):
+def start_grpc_server(engine: SegmentEngine, config: ServeConfig, metrics: Metrics | None = None,
+                      port: int | None = None) -> grpc.Server:
     """Start the server on ``config.grpc_host:port``; returns the ``grpc.Server`` (call ``.stop()``)."""
     import grpc
     from tritonclient.grpc import service_pb2_grpc as pbg
@@ -311,7 +384,8 @@ def start_grpc_server(engine: Any, config: ServeConfig, metrics: Any = None, por
             ("grpc.max_send_message_length", max(config.max_mask_pixels * 2, 64 * 1024 * 1024)),
             # grpcio shares ports between processes by default; a second server must fail loudly instead.
             ("grpc.so_reuseport", 0),
-        ])
+        ],
+        interceptors=[_error_interceptor_class()()])
     pbg.add_GRPCInferenceServiceServicer_to_server(_servicer_class()(engine, config, metrics), server)
     address = f"{config.grpc_host}:{port}"
     try:

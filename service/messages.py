@@ -1,18 +1,20 @@
 """What the HTTP front sends to the model runtime and gets back (pickled between the processes).
 
 Plain pydantic models holding numpy arrays; the engine takes and returns them directly, so the
-gRPC endpoint and tests use the same types without a server.
+gRPC endpoint and tests use the same types without a server. ``RuntimeClient`` is the front's
+view of the runtime process.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
 
 class PromptArrays(BaseModel):
-    """Prompts for one image, validated for shape (not yet for range: the image size may be unknown).
+    """Prompts for one image, as ``prompts.validate_prompts`` makes them: shapes, counts and values
+    checked, not yet coordinates against the image (its size may be unknown until the engine).
 
     point_coords (N, K, 2) float32, point_labels (N, K) int32, boxes (N, 4) float32,
     mask_binary (N, H, W) bool at the original size, mask_logits (N, 1, L, L) float32.
@@ -64,3 +66,22 @@ class InferResult(BaseModel):
     low_res_logits: Any = None  # (N, M, L, L) float32, with return_logits
     timings_ms: dict[str, float] = {}
     error: dict[str, Any] | None = None
+
+
+class RuntimeClient(Protocol):
+    """The model runtime as the HTTP front and the admin API call it: BentoML's dependency proxy
+    in the server (``service._RuntimeClient``), an in-process engine in tests (``front.LocalRuntime``).
+
+    ``activate`` answers a refusal as ``ServiceError.to_json()`` instead of raising, because
+    exceptions do not cross BentoML's process boundary with their kind.
+    """
+
+    async def infer(self, items: list[InferItem]) -> list[InferResult]: ...
+
+    async def decode(self, item: InferItem) -> InferResult: ...
+
+    async def status(self) -> dict[str, Any]: ...
+
+    async def reload(self, force: bool = True) -> dict[str, Any]: ...
+
+    async def activate(self, domain: str, version: int) -> dict[str, Any]: ...

@@ -12,7 +12,12 @@ request value) and ``adapter`` is ``base`` or ``domain@vN``.
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from wesam.adapters.ref import AdapterRef
+
+    from .cache import EmbeddingCache
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -58,16 +63,16 @@ class Metrics:
     def error(self, kind: str, endpoint: str) -> None:
         self.errors.labels(kind, endpoint).inc()
 
-    def adapter_event(self, event: str, domain: str, version: int, ref: str) -> None:
+    def adapter_event(self, event: str, ref: AdapterRef) -> None:
         if event == "loaded":
-            self.adapter_loads.labels(domain, str(version)).inc()
-            self.adapter_active.labels(domain).set(version)
+            self.adapter_loads.labels(ref.domain, str(ref.version)).inc()
+            self.adapter_active.labels(ref.domain).set(ref.version)
         elif event == "failed":
-            self.adapter_failures.labels(domain, str(version)).inc()
+            self.adapter_failures.labels(ref.domain, str(ref.version)).inc()
         elif event == "removed":  # the domain left the registry ("unloaded" versions are replaced)
-            self.adapter_active.labels(domain).set(0)
+            self.adapter_active.labels(ref.domain).set(0)
 
-    def cache_event(self, name: str, count: int, cache: Any) -> None:
+    def cache_event(self, name: str, count: int, cache: EmbeddingCache) -> None:
         if name == "hit":
             self.cache_hits.inc(count)
         elif name == "miss":

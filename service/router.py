@@ -1,6 +1,6 @@
 """Which adapter serves which domain, kept in step with the registry's routing file.
 
-The registry (``adapters.registry``) is the source of truth: ``routing.json`` names each
+The registry (``wesam.adapters.registry``) is the source of truth: ``routing.json`` names each
 domain's active version and is replaced atomically, so every replica that polls it (or is told
 to reload) converges on the same versions. A version that fails to load (tampered file, made for
 another base model, malformed) is refused: the domain keeps serving the version it had, and the
@@ -16,52 +16,70 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from wesam.adapters.artifact import WEIGHTS_FILE, AdapterArtifact
+from wesam.adapters.errors import AdapterError
+from wesam.adapters.ref import AdapterRef
 from wesam.adapters.registry import ROUTING_FILE, Registry
 
 from .config import BASE
-from .errors import AdapterUnavailable, UnknownDomain
+from .errors import AdapterRefused, AdapterUnavailable, Internal, NoRegistry, UnknownDomain, UnknownVersion
 from .runtime import AdapterHandle
 
 log = logging.getLogger("wesam.service")
+
+# What the runtime gives the router: load a verified artifact (merged or not), unload a handle.
+AdapterLoader = Callable[[AdapterArtifact, bool], AdapterHandle]
+AdapterUnloader = Callable[[AdapterHandle], None]
+# Told about "loaded", "unloaded", "removed" and "failed" versions (metrics).
+AdapterEvent = Callable[[str, AdapterRef], None]
 
 
 @dataclass
 class Route:
     """What a request is served with."""
 
-    domain: str | None  # None: the base model
-    adapter: str  # "base" or "domain@vN"
+    ref: AdapterRef | None  # None: the base model
     key: str  # identifies the weights in cache keys: "base" or "domain@vN:<sha256 prefix>"
     handle: AdapterHandle | None
+
+    @property
+    def domain(self) -> str | None:
+        return self.ref.domain if self.ref is not None else None
+
+    @property
+    def adapter(self) -> str:
+        """The adapter as answers and metrics name it: ``domain@vN`` or ``base``."""
+        return str(self.ref) if self.ref is not None else BASE
 
 
 @dataclass
 class Slot:
-    domain: str
-    version: int
+    """The version a domain is served with."""
+
+    ref: AdapterRef
     sha256: str
     handle: AdapterHandle
     loaded_at: float = field(default_factory=time.time)
 
     @property
-    def ref(self) -> str:
-        return f"{self.domain}@v{self.version}"
+    def version(self) -> int:
+        return self.ref.version  # type: ignore[return-value]  # a slot always holds a version
 
 
-BASE_ROUTE = Route(None, BASE, BASE, None)
+BASE_ROUTE = Route(None, BASE, None)
 
 
 class AdapterRouter:
     """Domain -> loaded adapter version, refreshed from the registry.
 
     ``loader(artifact, merged)`` and ``unloader(handle)`` come from the runtime; ``on_event`` is
-    told about loads and failures (metrics). Not thread-safe: the engine calls it under its lock.
+    told about loads and failures (metrics). Callers serialise calls (the engine holds its lock);
+    ``lock`` guards the slots against the registry watcher.
     """
 
-    def __init__(self, registry: str | None, loader: Callable[..., AdapterHandle],
-                 unloader: Callable[[AdapterHandle], None], *, fallback: str | None = None,
-                 merged_domains: tuple[str, ...] = (),
-                 on_event: Callable[..., None] | None = None) -> None:
+    def __init__(self, registry: str | None, loader: AdapterLoader, unloader: AdapterUnloader, *,
+                 fallback: str | None = None, merged_domains: tuple[str, ...] = (),
+                 on_event: AdapterEvent | None = None) -> None:
         self.registry = Registry(registry) if registry else None
         self.loader = loader
         self.unloader = unloader
@@ -69,9 +87,9 @@ class AdapterRouter:
         self.merged_domains = set(merged_domains)
         self.slots: dict[str, Slot] = {}
         self.failures: dict[str, dict[str, Any]] = {}  # domain -> {version, error, at}
-        self._refused: dict[tuple[str, int], str] = {}  # (domain, version) -> error; not retried
+        self._refused: dict[AdapterRef, str] = {}  # version -> error; not retried until a forced refresh
         self._signature: Any = None
-        self._on_event = on_event or (lambda *a, **k: None)
+        self._on_event: AdapterEvent = on_event or (lambda event, ref: None)
         self.last_refresh: float | None = None
         self.lock = threading.RLock()
 
@@ -81,10 +99,11 @@ class AdapterRouter:
             return BASE_ROUTE
         slot = self.slots.get(domain)
         if slot is not None:
-            return Route(domain, slot.ref, f"{slot.ref}:{slot.sha256[:16]}", slot.handle)
+            return Route(slot.ref, f"{slot.ref}:{slot.sha256[:16]}", slot.handle)
         if domain in self.failures:
             f = self.failures[domain]
-            raise AdapterUnavailable(f"domain {domain!r} has no loadable adapter: v{f['version']} was refused "
+            refused = AdapterRef(domain, f["version"]).version_dir
+            raise AdapterUnavailable(f"domain {domain!r} has no loadable adapter: {refused} was refused "
                                      f"({f['error']})")
         if self.fallback and self.fallback != domain:
             return self.resolve(self.fallback)
@@ -118,71 +137,119 @@ class AdapterRouter:
                 self._refused.clear()
             sig = self.signature()
             report: dict[str, Any] = {"loaded": [], "unloaded": [], "failed": []}
-            wanted: dict[str, int] = {}
+            wanted: dict[str, AdapterRef] = {}
             if self.registry is not None:
                 for domain in self.registry.domains():
                     try:
                         version = self.registry.active_version(domain)
+                        if version is not None:
+                            wanted[domain] = AdapterRef(domain, version)  # refuses v0 in routing.json
                     except (ValueError, OSError) as e:  # unreadable routing.json: keep serving what we have
                         log.error("cannot read %s: %s", Path(self.registry.root) / ROUTING_FILE, e)
                         self._signature = sig
                         return {**report, "error": f"cannot read routing: {e}"}
-                    if version is not None:
-                        wanted[domain] = version
-            for domain, version in sorted(wanted.items()):
+            for domain, ref in sorted(wanted.items()):
                 current = self.slots.get(domain)
-                if current is not None and current.version == version:
+                if current is not None and current.ref == ref:
                     self.failures.pop(domain, None)
                     continue
-                if (domain, version) in self._refused:
+                if ref in self._refused:
                     continue
-                self._load(domain, version, current, report)
+                self._load(ref, current, report)
             for domain in sorted(set(self.slots) - set(wanted)):
                 slot = self.slots.pop(domain)
                 self.unloader(slot.handle)
-                report["unloaded"].append(slot.ref)
-                self._on_event("removed", domain, slot.version, slot.ref)
+                report["unloaded"].append(str(slot.ref))
+                self._on_event("removed", slot.ref)
             for domain in set(self.failures) - set(wanted):
                 del self.failures[domain]
             self._signature = sig
             self.last_refresh = time.time()
             return report
 
-    def _load(self, domain: str, version: int, current: Slot | None, report: dict[str, Any]) -> None:
-        from wesam.adapters.artifact import WEIGHTS_FILE
-
-        ref = f"{domain}@v{version}"
+    def _load(self, ref: AdapterRef, current: Slot | None, report: dict[str, Any]) -> None:
         try:
             art = self.registry.resolve(ref)  # type: ignore[union-attr]
-            if art.domain != domain or art.version != version:
+            if art.ref != ref:
                 raise ValueError(f"{art.path}/adapter.json says {art.ref}, not {ref}")
-            handle = self.loader(art, domain in self.merged_domains)
+            handle = self.loader(art, ref.domain in self.merged_domains)
         except Exception as e:  # any failure refuses this version; the domain keeps its current one
             msg = f"{type(e).__name__}: {e}"
             log.error("refusing adapter %s: %s%s", ref, msg,
                       f" (still serving {current.ref})" if current else "")
-            self._refused[(domain, version)] = msg
-            self.failures[domain] = {"version": version, "error": msg, "at": time.time()}
-            report["failed"].append({"adapter": ref, "error": msg})
-            self._on_event("failed", domain, version, ref)
+            self._refused[ref] = msg
+            self.failures[ref.domain] = {"version": ref.version, "error": msg, "at": time.time()}
+            report["failed"].append({"adapter": str(ref), "error": msg})
+            self._on_event("failed", ref)
             return
-        self.slots[domain] = Slot(domain, version, art.meta["files"][WEIGHTS_FILE], handle)
-        self.failures.pop(domain, None)
-        report["loaded"].append(ref)
-        self._on_event("loaded", domain, version, ref)
+        self._install(Slot(ref, art.meta["files"][WEIGHTS_FILE], handle), current)
+        report["loaded"].append(str(ref))
         if current is not None:
-            self.unloader(current.handle)
-            report["unloaded"].append(current.ref)
-            self._on_event("unloaded", domain, current.version, current.ref)
+            report["unloaded"].append(str(current.ref))
         log.info("serving %s%s", ref, f" (was {current.ref})" if current else "")
 
+    def _install(self, slot: Slot, current: Slot | None) -> None:
+        """Serve ``slot`` for its domain and unload the version it replaces."""
+        self.slots[slot.ref.domain] = slot
+        self.failures.pop(slot.ref.domain, None)
+        self._on_event("loaded", slot.ref)
+        if current is not None:
+            self.unloader(current.handle)
+            self._on_event("unloaded", current.ref)
+
+    # -- activating ------------------------------------------------------------------------------
+    def activate(self, domain: str, version: int) -> dict[str, Any]:
+        """Switch ``domain`` to ``version`` only if that version loads here first.
+
+        The routing file is written (atomically, by the registry) after the new version is loaded, so a
+        broken version is never made active and no replica is asked to serve it.
+        """
+        if self.registry is None:
+            raise NoRegistry("no registry configured")
+        with self.lock:
+            versions = self.registry.versions(domain)
+            if not versions:
+                raise UnknownDomain(f"no domain {domain!r} in registry {self.registry.root}")
+            ref = AdapterRef(domain, version)
+            if version not in versions:
+                raise UnknownVersion(f"{ref} is not in the registry; versions: "
+                                     + ", ".join(AdapterRef(domain, v).version_dir for v in versions))
+            current = self.slots.get(domain)
+            previous = str(current.ref) if current else None
+            if current is None or current.ref != ref:
+                try:
+                    art = self.registry.resolve(ref)
+                    handle = self.loader(art, domain in self.merged_domains)
+                except Exception as e:
+                    self._on_event("failed", ref)
+                    raise AdapterRefused(f"refusing {ref}: {type(e).__name__}: {e}; still serving "
+                                         f"{previous or 'nothing'}") from None
+                try:
+                    self._write_routing(ref)
+                except Internal:
+                    self.unloader(handle)
+                    raise
+                self._install(Slot(ref, art.meta["files"][WEIGHTS_FILE], handle), current)
+                self._refused.pop(ref, None)
+            else:
+                self._write_routing(ref)
+            self._signature = self.signature()
+            return {"domain": domain, "serving": str(ref), "previous": previous}
+
+    def _write_routing(self, ref: AdapterRef) -> None:
+        try:
+            self.registry.activate(ref.domain, ref.version)  # type: ignore[union-attr, arg-type]
+        except (AdapterError, OSError) as e:
+            raise Internal(f"cannot write the routing file: {e}") from None
+
+    # -- reporting -------------------------------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
         # Copies first: status is read from other threads while a refresh may be swapping slots.
         slots, failures = dict(self.slots), dict(self.failures)
         rows = []
         for d in sorted(set(slots) | set(failures)):
             slot = slots.get(d)
-            row: dict[str, Any] = {"domain": d, "serving": slot.ref if slot else None,
+            row: dict[str, Any] = {"domain": d, "serving": str(slot.ref) if slot else None,
                                    "version": slot.version if slot else None,
                                    "merged": bool(slot and slot.handle.merged)}
             if self.registry is not None:
@@ -195,51 +262,3 @@ class AdapterRouter:
                 row["error"] = failures[d]
             rows.append(row)
         return rows
-
-
-def activate_checked(router: AdapterRouter, domain: str, version: int) -> dict[str, Any]:
-    """Switch ``domain`` to ``version`` only if that version loads here first.
-
-    The routing file is written (atomically, by the registry) after the new version is loaded, so a
-    broken version is never made active and no replica is asked to serve it.
-    """
-    from wesam.adapters.artifact import WEIGHTS_FILE, AdapterError
-
-    from .errors import ServiceError
-
-    if router.registry is None:
-        raise ServiceError("no registry configured", status=409, kind="no_registry")
-    with router.lock:
-        versions = router.registry.versions(domain)
-        if not versions:
-            raise UnknownDomain(f"no domain {domain!r} in registry {router.registry.root}")
-        if version not in versions:
-            raise ServiceError(f"{domain}@v{version} is not in the registry; versions: "
-                               + ", ".join(f"v{v}" for v in versions), status=404, kind="unknown_version")
-        current = router.slots.get(domain)
-        previous = current.ref if current else None
-        if current is None or current.version != version:
-            try:
-                art = router.registry.resolve(f"{domain}@v{version}")
-                handle = router.loader(art, domain in router.merged_domains)
-            except Exception as e:
-                msg = f"{type(e).__name__}: {e}"
-                router._on_event("failed", domain, version, f"{domain}@v{version}")
-                raise ServiceError(f"refusing {domain}@v{version}: {msg}; still serving {previous or 'nothing'}",
-                                   status=409, kind="adapter_refused") from None
-            try:
-                router.registry.activate(domain, version)
-            except (AdapterError, OSError) as e:
-                router.unloader(handle)
-                raise ServiceError(f"cannot write the routing file: {e}", status=500, kind="internal") from None
-            router.slots[domain] = Slot(domain, version, art.meta["files"][WEIGHTS_FILE], handle)
-            router.failures.pop(domain, None)
-            router._refused.pop((domain, version), None)
-            router._on_event("loaded", domain, version, f"{domain}@v{version}")
-            if current is not None:
-                router.unloader(current.handle)
-                router._on_event("unloaded", domain, current.version, current.ref)
-        else:
-            router.registry.activate(domain, version)
-        router._signature = router.signature()
-        return {"domain": domain, "serving": f"{domain}@v{version}", "previous": previous}

@@ -7,7 +7,8 @@ ONNX Runtime sessions: one merged encoder graph per adapter version (exported on
 cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph.
 
 LoRA adapts only the image encoder, so every domain shares the decoder. Runtimes are not
-thread-safe for loading and encoding; the engine serialises those calls.
+thread-safe for loading and encoding; the engine serialises those calls. ``ModelRuntime`` is
+what the engine needs of a runtime.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
 from wesam.adapters.artifact import AdapterArtifact, attach_adapter
 from wesam.adapters.lora import delete_adapter, use_adapter
+from wesam.adapters.ref import AdapterRef
 from wesam.sam.predictor import ImageEmbedding, Prediction, Prompts, SamPredictorCore
+from wesam.sam.transforms import SamTransform
 from wesam.sam.zoo import LoadedModel
 
 log = logging.getLogger("wesam.service")
@@ -35,10 +38,29 @@ log = logging.getLogger("wesam.service")
 class AdapterHandle:
     """A loaded adapter version, as a runtime knows it."""
 
-    ref: str  # domain@vN
+    ref: AdapterRef
     name: str | None = None  # LoRA adapter name on the resident model (unmerged)
     merged: bool = False
     state: dict[str, Any] = field(default_factory=dict)  # runtime-specific (merged predictor, session)
+
+
+class ModelRuntime(Protocol):
+    """What the engine and the router use of a runtime (``TorchRuntime``, ``OnnxRuntime``)."""
+
+    kind: str  # part of the embedding cache key
+    img_size: int
+    low_res_size: int  # side of the low-res mask logits the decoder takes and returns
+    transform: SamTransform
+
+    def load_adapter(self, art: AdapterArtifact, merged: bool = False) -> AdapterHandle: ...
+
+    def unload_adapter(self, handle: AdapterHandle) -> None: ...
+
+    def encode(self, images: Sequence[np.ndarray], handle: AdapterHandle | None) -> list[ImageEmbedding]: ...
+
+    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction: ...
+
+    def describe(self) -> dict[str, Any]: ...
 
 
 def resolve_device(device: str) -> str:
@@ -64,9 +86,9 @@ class TorchRuntime:
             from wesam.adapters.artifact import merged_sam
 
             sam = merged_sam(self.model, art)  # verifies, merges, copies out, restores the base
-            return AdapterHandle(str(art.ref), merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
+            return AdapterHandle(art.ref, merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
         name = attach_adapter(self.model, art)
-        return AdapterHandle(str(art.ref), name=name)
+        return AdapterHandle(art.ref, name=name)
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         if handle.name is not None:
@@ -89,7 +111,7 @@ class TorchRuntime:
 
 
 class OnnxRuntime:
-    """ONNX Runtime over graphs exported from the resident model (``export.onnx_graphs``)."""
+    """ONNX Runtime over graphs exported from the resident model (``wesam.export.onnx_graphs``)."""
 
     kind = "onnx"
 
@@ -119,11 +141,10 @@ class OnnxRuntime:
         Written into a staging directory and renamed into place, so a crash or a second process
         exporting the same graphs never leaves a half-written directory behind.
         """
-        from wesam.adapters.artifact import WEIGHTS_FILE
-        from wesam.adapters.artifact import merged_sam
+        from wesam.adapters.artifact import WEIGHTS_FILE, merged_sam
         from wesam.export.onnx_graphs import export_decoder, export_encoder
 
-        name = key if art is None else f"{art.domain}-v{art.version}-{art.meta['files'][WEIGHTS_FILE][:16]}"
+        name = key if art is None else f"{art.domain}-{art.ref.version_dir}-{art.meta['files'][WEIGHTS_FILE][:16]}"
         final = self.cache_dir / name
         if (final / "encoder.onnx").is_file():
             return final
@@ -152,7 +173,8 @@ class OnnxRuntime:
             raise AdapterError(f"refusing adapter {art.path}: " + "; ".join(report["problems"]))
         path = self._graphs("", art) / "encoder.onnx"
         # ONNX graphs are merged by construction; ``merged`` changes nothing here.
-        return AdapterHandle(str(art.ref), merged=True, state={"session": make_session(path, self.providers, self.threads)})
+        return AdapterHandle(art.ref, merged=True,
+                             state={"session": make_session(path, self.providers, self.threads)})
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         handle.state.clear()
@@ -174,7 +196,7 @@ class OnnxRuntime:
 
 
 def make_runtime(model: LoadedModel, kind: str, *, device: str = "auto", onnx_cache: str | None = None,
-                 threads: int | None = None) -> TorchRuntime | OnnxRuntime:
+                 threads: int | None = None) -> ModelRuntime:
     if kind == "torch":
         return TorchRuntime(model, device)
     if kind == "onnx":

@@ -95,8 +95,3 @@ class EmbedResponse(BaseModel):
     cached: bool
     timings_ms: dict[str, float]
 
-
-class ErrorResponse(BaseModel):
-    error: str = Field(description="what is wrong, for humans")
-    kind: str = Field(description="stable machine-readable kind, e.g. invalid_image, unknown_domain")
-    status: int

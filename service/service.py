@@ -8,8 +8,9 @@ the GPU holds one copy of the model. The front calls the runtime's batchable ``i
 BentoML's adaptive batcher merges concurrent requests into one encoder batch; the engine splits
 it by adapter.
 
-Both classes are thin: the work is in ``service.front.Frontend`` and ``service.engine.SegmentEngine``.
-Configuration: ``WESAM_SERVE_*`` environment variables (``service.config``), read at import.
+Both classes are thin: the work is in ``wesam.service.front.Frontend`` and
+``wesam.service.engine.SegmentEngine``. Configuration: ``WESAM_SERVE_*`` environment variables
+(``wesam.service.config``), read at import.
 Run: ``wesam serve`` or ``bentoml serve wesam.service.service:Segmenter``.
 """
 
@@ -21,8 +22,9 @@ from typing import Any
 import bentoml
 from pydantic import PrivateAttr
 
+from wesam.errors import WesamError
 from wesam.service.config import ServeConfig
-from wesam.service.errors import ServiceError
+from wesam.service.errors import ServiceError, to_service_error
 from wesam.service.messages import InferItem, InferResult
 from wesam.service.requests import FORM_TYPES, read_fields
 from wesam.service.schemas import EmbedRequest, EmbedResponse, SegmentRequest, SegmentResponse
@@ -111,10 +113,11 @@ class SamRuntime:
 
     @bentoml.api
     def activate(self, domain: str, version: int) -> dict:
+        # A refusal travels back as JSON: exceptions do not cross BentoML's process boundary with their kind.
         try:
             return self.engine.activate(domain, version)
-        except ServiceError as e:
-            return e.to_json()
+        except WesamError as e:
+            return to_service_error(e).to_json()
 
     def __is_ready__(self) -> bool:
         return bool(self.engine.ready)
@@ -127,7 +130,8 @@ class SamRuntime:
 
 
 class _RuntimeClient:
-    """The ``Frontend``'s view of the runtime: async calls through BentoML's dependency proxy."""
+    """The ``messages.RuntimeClient`` of the front and the admin API: async calls through BentoML's
+    dependency proxy."""
 
     def __init__(self, proxy: Any) -> None:
         self.proxy = proxy

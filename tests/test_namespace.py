@@ -125,5 +125,6 @@ def test_bento_build(wheel: Path, tmp_path: Path) -> None:
     assert src == {"models", "bentofile.yaml"}, src  # no Python sources: wesam comes from the wheel
     wheels = list((bento_dir / "env" / "python" / "wheels").glob("wesam-*.whl"))
     assert [w.name for w in wheels] == [wheel.name]
-    requirements = (bento_dir / "env" / "python" / "requirements.txt").read_text()
-    assert wheel.name in requirements
+    # The image's install script pip-installs every wheel of the Bento, with its dependencies.
+    install = (bento_dir / "env" / "python" / "install.sh").read_text()
+    assert 'wheels=($WHEELS_DIR/*.whl)' in install and 'pip_install "${PIP_ARGS[@]}" "${wheels[@]}"' in install

@@ -22,8 +22,9 @@ from wesam.service.admin import check_admin, parse_version
 from wesam.service.cache import CacheEntry, EmbeddingCache
 from wesam.service.config import ConfigError, ServeConfig
 from wesam.service.engine import SegmentEngine
-from wesam.service.errors import ServiceError
+from wesam.service.errors import HTTP_STATUS, InvalidPrompt, ServiceError, to_service_error
 from wesam.service.messages import InferItem, PromptArrays
+from wesam.service.prompts import validate_prompts
 from wesam.service.requests import parse_segment
 
 LIMITS = dict(max_bytes=1 << 20, max_pixels=256 * 256)
@@ -172,6 +173,165 @@ def test_oversize_image_is_413() -> None:
     assert e.value.status == 413 and "pixels" in e.value.message
 
 
+# -- prompts: one validation for HTTP and gRPC -------------------------------------------------------
+
+# The same bad prompt, as JSON fields and as KServe tensors: (JSON fields, gRPC tensors, words).
+SAME_BAD_PROMPTS = [
+    ({"boxes": [[1, 2, 3, 4]] * 5}, {"BOXES": ("FP32", np.tile(np.float32([1, 2, 3, 4]), (5, 1)))},
+     "5 boxes, over the limit of 4"),
+    ({"boxes": [[1, 2, 3]]}, {"BOXES": ("FP32", np.float32([[1, 2, 3]]))}, "[x0, y0, x1, y1] entries"),
+    ({"boxes": [[5, 2, 3, 4]]}, {"BOXES": ("FP32", np.float32([[5, 2, 3, 4]]))}, "x0 <= x1"),
+    ({"boxes": [[-1, 2, 3, 4]]}, {"BOXES": ("FP32", np.float32([[-1, 2, 3, 4]]))}, "negative"),
+    ({"points": [[1, 2]] * 4, "point_labels": [1] * 4},
+     {"POINTS": ("FP32", np.ones((4, 2), np.float32)), "LABELS": ("INT32", np.ones(4, np.int32))},
+     "4 points, over the limit of 3"),
+    ({"points": [[1, 2]], "point_labels": [1, 0]},
+     {"POINTS": ("FP32", np.float32([[1, 2]])), "LABELS": ("INT32", np.int32([1, 0]))},
+     "one label per point (1), got 2"),
+    ({"points": [[1, 2]]}, {"POINTS": ("FP32", np.float32([[1, 2]]))}, "one label per point (1), got 0"),
+    ({"points": [[1, 2]], "point_labels": [2]},
+     {"POINTS": ("FP32", np.float32([[1, 2]])), "LABELS": ("INT32", np.int32([2]))}, "1 (foreground) or 0"),
+    ({"point_labels": [1]}, {"LABELS": ("INT32", np.int32([1]))}, "point_labels given without points"),
+    ({}, {}, "no prompt"),
+    ({"boxes": []}, {"BOXES": ("FP32", np.zeros((0, 4), np.float32))}, "no prompt"),
+]
+
+
+@pytest.mark.parametrize("fields, tensors, words", SAME_BAD_PROMPTS)
+def test_the_same_bad_prompt_gets_the_same_error_over_http_and_grpc(fields: dict, tensors: dict, words: str) -> None:
+    from wesam.service.grpc_server import build_item
+
+    with pytest.raises(ServiceError) as http:
+        parse_segment({"image": _b64(make_image()), **fields}, CONFIG)
+    with pytest.raises(ServiceError) as grpc:
+        build_item({"IMAGE": ("UINT8", make_image()), **tensors}, CONFIG)
+    assert isinstance(http.value, InvalidPrompt) and words in http.value.message, http.value.to_json()
+    assert http.value.to_json() == grpc.value.to_json()
+    # and the function both call answers it alike from lists and arrays
+    arrays = {"boxes": "BOXES", "points": "POINTS", "point_labels": "LABELS"}
+    with pytest.raises(InvalidPrompt) as direct:
+        validate_prompts(CONFIG, **{k: tensors[v][1] for k, v in arrays.items() if v in tensors})
+    assert direct.value.to_json() == http.value.to_json()
+
+
+def test_validate_prompts_layout_from_lists_and_arrays() -> None:
+    from_lists = validate_prompts(CONFIG, boxes=[[1, 2, 30, 40], [0, 0, 5, 5]], points=[[3, 4]], point_labels=[1])
+    from_arrays = validate_prompts(CONFIG, boxes=np.float32([[1, 2, 30, 40], [0, 0, 5, 5]]),
+                                   points=np.float32([[3, 4]]), point_labels=np.int32([[1]]))  # [1, K] labels
+    for p in (from_lists, from_arrays):
+        assert p.boxes.dtype == np.float32 and p.boxes.shape == (2, 4)
+        assert p.point_coords.shape == (2, 1, 2) and p.point_labels.tolist() == [[1], [1]]
+        assert p.point_labels.dtype == np.int32 and p.mask_binary is None and p.count() == 2
+    # a huge label is refused as a label (it used to overflow int32 into a 500)
+    with pytest.raises(InvalidPrompt, match="1 \\(foreground\\) or 0"):
+        validate_prompts(CONFIG, points=[[1, 2]], point_labels=[2 ** 40])
+    with pytest.raises(InvalidPrompt, match="NaN"):
+        validate_prompts(CONFIG, boxes=np.float32([[0, 0, np.nan, 4]]))
+    masks_rle = {"rle": codec.rle_encode(np.eye(6, dtype=bool))}
+    masks = validate_prompts(CONFIG, mask_input=[masks_rle])
+    assert masks.mask_binary.shape == (1, 6, 6) and masks.count() == 1
+    with pytest.raises(InvalidPrompt, match="one entry per prompt"):
+        validate_prompts(CONFIG, boxes=[[1, 2, 3, 4]], mask_input=[masks_rle] * 2)
+    with pytest.raises(InvalidPrompt, match="mask_input\\[0\\]"):
+        validate_prompts(CONFIG, mask_input=[{"png": "x"}])
+
+
+def test_grpc_tensors_of_the_wrong_rank_are_bad_requests() -> None:
+    from wesam.service.grpc_server import build_item
+
+    for tensors in ({"BOXES": ("FP32", np.float32([1, 2, 3, 4]))},
+                    {"POINTS": ("FP32", np.float32([[[1, 2]]])), "LABELS": ("INT32", np.int32([1]))},
+                    {"BOXES": ("BYTES", [b"1"])}):
+        with pytest.raises(ServiceError) as e:
+            build_item({"IMAGE": ("UINT8", make_image()), **tensors}, CONFIG)
+        assert e.value.kind == "bad_request" and e.value.status == 400, e.value.to_json()
+
+
+# -- errors: one table per protocol -----------------------------------------------------------------
+
+def _error_kinds() -> dict[str, str]:
+    """Every error kind defined in the code: ``kind`` of every WesamError subclass, and kinds passed
+    by name (``SomeError(..., kind="x")``) anywhere in the product."""
+    import importlib
+    import re
+
+    from wesam.errors import WesamError
+
+    root = Path(__file__).resolve().parent.parent
+    for module in ("wesam.sam.zoo", "wesam.data.errors", "wesam.adapters.errors", "wesam.export.errors",
+                   "wesam.export.tensorrt", "wesam.service.errors"):
+        importlib.import_module(module)
+    kinds: dict[str, str] = {}
+    todo = [WesamError]
+    while todo:
+        cls = todo.pop()
+        kinds.setdefault(cls.kind, cls.__qualname__)
+        todo.extend(cls.__subclasses__())
+    by_name = re.compile(r"\w*Error\((?:[^()]|\([^()]*\))*?\bkind=\"(\w+)\"", re.S)
+    for folder in ("wesam", "adapters", "export", "service", "bench"):
+        for f in (root / folder).rglob("*.py"):
+            for kind in by_name.findall(f.read_text()):
+                kinds.setdefault(kind, str(f.relative_to(root)))
+    return kinds
+
+
+def test_error_tables_cover_every_kind() -> None:
+    from wesam.service.grpc_server import GRPC_CODES
+
+    kinds = _error_kinds()
+    assert {"bad_request", "invalid_prompt", "config", "adapter", "invalid_adapter_ref", "model_load",
+            "invalid_data", "export", "invalid_argument"} <= set(kinds)
+    assert not set(kinds) - set(HTTP_STATUS), {k: kinds[k] for k in set(kinds) - set(HTTP_STATUS)}
+    assert set(GRPC_CODES) == set(HTTP_STATUS)
+    # the gRPC code follows from the HTTP status as it always did (clients see the same codes)
+    by_status = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "FAILED_PRECONDITION", 413: "INVALID_ARGUMENT", 415: "INVALID_ARGUMENT",
+                 422: "INVALID_ARGUMENT", 503: "UNAVAILABLE"}
+    for kind, status in HTTP_STATUS.items():
+        assert GRPC_CODES[kind] == by_status.get(status, "INTERNAL"), kind
+
+
+def test_service_errors_take_their_status_from_the_table() -> None:
+    from wesam.service import errors
+
+    expected = {"BadRequest": 400, "InvalidImage": 400, "PayloadTooLarge": 413, "UnsupportedMediaType": 415,
+                "InvalidPrompt": 422, "UnknownDomain": 404, "UnknownVersion": 404, "UnknownImageId": 404,
+                "UnknownModel": 404, "DomainMismatch": 409, "AdapterRefused": 409, "NoRegistry": 409,
+                "AdapterUnavailable": 503, "Unauthorized": 401, "Forbidden": 403, "Overloaded": 503,
+                "Internal": 500}
+    for name, status in expected.items():
+        err = getattr(errors, name)("x")
+        assert err.status == status and err.to_json() == {"error": "x", "kind": err.kind, "status": status}
+    assert ServiceError("x", kind="too_large").status == 413
+    assert ServiceError("x", kind="too_large", status=400).status == 400  # per-instance override
+    back = ServiceError.from_json(errors.Forbidden("no").to_json())
+    assert (back.kind, back.status, back.message) == ("forbidden", 403, "no")
+
+
+def test_core_errors_are_mapped_by_kind() -> None:
+    from wesam.adapters.errors import AdapterError, InvalidAdapterRef
+    from wesam.adapters.ref import AdapterRef
+    from wesam.data.errors import DataError
+    from wesam.sam.zoo import ModelLoadError
+    from wesam.service.grpc_server import grpc_status
+
+    with pytest.raises(InvalidAdapterRef) as bad_ref:
+        AdapterRef.parse("polyp@3")
+    cases = [(bad_ref.value, 400, "invalid_adapter_ref", "INVALID_ARGUMENT"),
+             (AdapterError("tampered"), 409, "adapter", "FAILED_PRECONDITION"),
+             (DataError("/x.png", "unreadable"), 400, "invalid_data", "INVALID_ARGUMENT"),
+             (ModelLoadError("no weights"), 500, "model_load", "INTERNAL"),
+             (ConfigError("bad"), 500, "config", "INTERNAL"),
+             (KeyError("bug"), 500, "internal", "INTERNAL")]
+    for exc, status, kind, code in cases:
+        err = to_service_error(exc)
+        assert (err.status, err.kind) == (status, kind), exc
+        got, details = grpc_status(err)
+        assert got.name == code and details == f"[{kind}] {err.message}"
+    assert to_service_error(KeyError("secret")).message == "internal error: KeyError"
+    assert to_service_error(AdapterError("tampered")).message == "tampered"
+
+
 def test_config_from_env_and_errors() -> None:
     c = ServeConfig.from_env({"WESAM_SERVE_WORKERS": "2", "WESAM_SERVE_MERGED_DOMAINS": "a, b",
                               "WESAM_SERVE_ADMIN_TOKEN": "s3cr3t-token", "WESAM_SERVE_CACHE_MB": "1.5"})
@@ -278,7 +438,7 @@ def test_batch_is_grouped_by_adapter(world) -> None:
     encode_fn = engine.runtime.encode
 
     def counting(images, handle):
-        calls.append((handle.ref if handle else None, len(images)))
+        calls.append((str(handle.ref) if handle else None, len(images)))
         return encode_fn(images, handle)
 
     engine.runtime.encode = counting
@@ -389,6 +549,45 @@ def test_hot_reload_rollback_and_broken_versions(world, tmp_path: Path) -> None:
     assert e.value.status == 404
 
 
+def test_router_activate_loads_first(world, tmp_path: Path) -> None:
+    from wesam.adapters.ref import AdapterRef
+    from wesam.service.router import AdapterRouter
+    from wesam.service.runtime import TorchRuntime
+
+    base, _ = world
+    reg = tmp_path / "registry"
+    publish_adapter(base, reg, "polyp", seed=1)
+    publish_adapter(base, reg, "polyp", seed=7, activate=False)
+    publish_adapter(base, reg, "polyp", seed=8, activate=False)
+    corrupt_weights(reg, "polyp", 3)
+    runtime = TorchRuntime(reference_model(base), "cpu")
+    events: list[tuple[str, AdapterRef]] = []
+    router = AdapterRouter(str(reg), runtime.load_adapter, runtime.unload_adapter,
+                           on_event=lambda event, ref: events.append((event, ref)))
+    assert router.refresh() == {"loaded": ["polyp@v1"], "unloaded": [], "failed": []}
+    route = router.resolve("polyp")
+    assert route.ref == AdapterRef("polyp", 1) and route.adapter == "polyp@v1" and route.domain == "polyp"
+    assert route.handle.ref == AdapterRef("polyp", 1) and route.key.startswith("polyp@v1:")
+    assert router.resolve(None).adapter == "base" and router.resolve("base").domain is None
+
+    assert router.activate("polyp", 2) == {"domain": "polyp", "serving": "polyp@v2", "previous": "polyp@v1"}
+    assert Registry(reg).active_version("polyp") == 2 and not router.changed()
+    assert events[-2:] == [("loaded", AdapterRef("polyp", 2)), ("unloaded", AdapterRef("polyp", 1))]
+    assert router.activate("polyp", 2)["previous"] == "polyp@v2"  # already serving: only routing.json
+    for domain, version, kind, words in (("polyp", 3, "adapter_refused", "refusing polyp@v3: AdapterError"),
+                                         ("polyp", 9, "unknown_version", "polyp@v9 is not in the registry; "
+                                                                         "versions: v1, v2, v3"),
+                                         ("lung", 1, "unknown_domain", "no domain 'lung'")):
+        with pytest.raises(ServiceError) as e:
+            router.activate(domain, version)
+        assert e.value.kind == kind and words in e.value.message, e.value.to_json()
+    assert events[-1] == ("failed", AdapterRef("polyp", 3)) and Registry(reg).active_version("polyp") == 2
+    assert [row["serving"] for row in router.status()] == ["polyp@v2"]
+    with pytest.raises(ServiceError) as e:
+        AdapterRouter(None, runtime.load_adapter, runtime.unload_adapter).activate("polyp", 1)
+    assert (e.value.kind, e.value.status) == ("no_registry", 409)
+
+
 def test_fallback_domain_and_merged_copies(world) -> None:
     engine = _engine(world, fallback_domain="base", merged_domains=("polyp",))
     img = make_image()
@@ -471,8 +670,11 @@ def test_frontend_formats_answers_and_maps_runtime_failures(world) -> None:
         async def status(self):
             return {"domains": []}
 
+    from wesam.adapters.errors import AdapterError
+
     for exc, status, kind in ((BentoMLException("shed", error_code=HTTPStatus.SERVICE_UNAVAILABLE), 503, "overloaded"),
                               (ConnectionRefusedError("down"), 503, "overloaded"),
+                              (AdapterError("tampered"), 409, "adapter"),
                               (BentoMLException("bug", error_code=HTTPStatus.INTERNAL_SERVER_ERROR), 500, "internal")):
         got = anyio.run(Frontend(engine.config, Failing(exc)).segment, {"image": _b64(img), "boxes": [[1, 1, 5, 5]]})
         assert (got[0], got[1]["kind"]) == (status, kind)

@@ -229,6 +229,17 @@ def test_activate_and_rollback_need_the_token(served: Served) -> None:
         assert row["serving"] == "polyp@v2" and row["versions"] == [1, 2, 3]
         assert c.post(url, json={"version": "v9"}, headers=auth).status_code == 404
         assert c.post("/adapters/lung/activate", json={"version": 1}, headers=auth).status_code == 404
+        # a core error (not a service error) crosses the runtime process and is answered by its kind
+        odd = served.registry / "bad.name" / "v1"
+        odd.mkdir(parents=True)
+        (odd / "adapter.json").write_text("{}")
+        try:
+            r = c.post("/adapters/bad.name/activate", json={"version": 1}, headers=auth)
+        finally:
+            (odd / "adapter.json").unlink()
+            odd.rmdir()
+            odd.parent.rmdir()
+        assert r.status_code == 400 and r.json()["kind"] == "invalid_adapter_ref", r.text
         assert c.post("/adapters/reload", headers=auth).status_code == 200
     finally:
         r = c.post(url, json={"version": "v1"}, headers=auth)  # roll back
@@ -386,6 +397,11 @@ def test_grpc_health_and_metadata(served: Served) -> None:
     assert cfg["name"] == "segment" and cfg.get("max_batch_size", 0) == 0  # no batch dimension
     assert all(i.get("optional") for i in cfg["input"]) and len(cfg["output"]) == 4
     assert client.get_server_metadata(as_json=True)["name"] == "wesam"
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as e:  # the error interceptor keeps UNIMPLEMENTED as it is
+        client.get_inference_statistics("segment")
+    assert "UNIMPLEMENTED" in str(e.value.status())
 
 
 def test_grpc_segment_matches_the_predictor_and_routes_domains(served: Served) -> None:
@@ -430,11 +446,46 @@ def test_grpc_errors(served: Served) -> None:
         (dict(IMAGE_ID=("BYTES", [b"f" * 32]), BOXES=boxes), "NOT_FOUND", "unknown_image_id"),
         (dict(IMAGE=("UINT8", img), BOXES=boxes, EXTRA=("FP32", np.zeros(1, np.float32))), "INVALID_ARGUMENT",
          "unknown inputs"),
+        (dict(IMAGE=("UINT8", img), BOXES=("FP32", np.array(BOX, np.float32))), "INVALID_ARGUMENT",
+         "[bad_request] invalid prompt tensors: BOXES"),
     ]
     for tensors, status, words in cases:
         with pytest.raises(InferenceServerException) as e:
             client.infer("segment", _inputs(grpcclient, **tensors))
         assert status in str(e.value.status()) and words in e.value.message(), (tensors.keys(), str(e.value))
-    with pytest.raises(InferenceServerException, match="unknown model"):
+    with pytest.raises(InferenceServerException) as e:
         client.infer("nope", _inputs(grpcclient, IMAGE=("UINT8", img), BOXES=boxes))
+    assert "NOT_FOUND" in str(e.value.status()) and e.value.message().endswith("unknown model 'nope'; this "
+                                                                               "server has 'segment'")
+    with pytest.raises(InferenceServerException, match="has version 1 only"):
+        client.get_model_metadata("segment", model_version="2")
     assert client.is_server_ready()
+
+
+def test_the_same_bad_prompt_gets_the_same_error_over_http_and_grpc(served: Served) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    grpcclient, client = _grpc(served)
+    img = make_image(seed=13)
+    cases = [  # (JSON fields, gRPC tensors)
+        ({"boxes": [[5, 2, 3, 4]]}, dict(BOXES=("FP32", np.array([[5, 2, 3, 4]], np.float32)))),
+        ({"points": [[1, 2]], "point_labels": [1, 0]},
+         dict(POINTS=("FP32", np.array([[1, 2]], np.float32)), LABELS=("INT32", np.array([1, 0], np.int32)))),
+        ({"boxes": [[0, 0, 99, 9]]}, dict(BOXES=("FP32", np.array([[0, 0, 99, 9]], np.float32)))),  # engine's check
+    ]
+    before = served.client.get("/metrics").text
+    for fields, tensors in cases:
+        r = served.client.post("/segment", json={"image": _b64(img), **fields})
+        assert r.status_code == 422, r.text
+        http = r.json()
+        with pytest.raises(InferenceServerException) as e:
+            client.infer("segment", _inputs(grpcclient, IMAGE=("UINT8", img), **tensors))
+        assert "INVALID_ARGUMENT" in str(e.value.status())
+        assert e.value.message().endswith(f"[{http['kind']}] {http['error']}"), (e.value.message(), http)
+    after = served.client.get("/metrics").text
+    for endpoint in ("segment", "grpc"):
+        counted = (_metric(after, "wesam_errors_total", kind="invalid_prompt", endpoint=endpoint)
+                   - _metric(before, "wesam_errors_total", kind="invalid_prompt", endpoint=endpoint))
+        assert counted == len(cases), endpoint
+        assert (_metric(after, "wesam_requests_total", endpoint=endpoint, status="422")
+                - _metric(before, "wesam_requests_total", endpoint=endpoint, status="422")) == len(cases)
