@@ -47,6 +47,15 @@ class AdapterRef:
             raise InvalidAdapterRef(f"invalid version {ver!r} in {text!r}; expected vN, e.g. {domain}@v1")
         return cls(domain, int(m.group(1)))
 
+    @classmethod
+    def of(cls, domain: str, version: str | int) -> "AdapterRef":
+        """``("polyp", "v3")``, ``("polyp", "3")`` or ``("polyp", 3)`` -> ``polyp@v3``, validated."""
+        text = str(version)
+        m = VERSION_PATTERN.match(text if text.startswith("v") else f"v{text}")
+        if not m:
+            raise InvalidAdapterRef(f"invalid version {text!r} for {domain!r}; expected vN or N, e.g. v1")
+        return cls(domain, int(m.group(1)))
+
     def at(self, version: int) -> "AdapterRef":
         """The same domain at ``version``."""
         return AdapterRef(self.domain, version)

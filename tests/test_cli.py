@@ -38,7 +38,7 @@ def tiny_polyps(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("prompt", ["box", "point", "coarse", "coarse-box"])
+@pytest.mark.parametrize("prompt", ["box", "point", "coarse", "coarse-box", "ellipse"])
 def test_eval_writes_json(tiny_polyps: Path, tmp_path: Path, prompt: str) -> None:
     out = tmp_path / "out.json"
     r = _wesam("eval", "--model", "sam-micro", "--data", str(tiny_polyps), "--split", "test",
@@ -50,7 +50,8 @@ def test_eval_writes_json(tiny_polyps: Path, tmp_path: Path, prompt: str) -> Non
     assert res["model"] == "sam-micro" and res["prompt"] == prompt and res["adapter"] is None
     # Rectangles are exactly their tight boxes, so the trivial baseline is perfect.
     assert res["box_filled"]["miou"] == pytest.approx(1.0)
-    assert "mIoU" in r.stdout
+    assert res["ellipse"]["miou"] == pytest.approx(0.79, abs=0.02)  # an ellipse covers pi/4 of its box
+    assert "mIoU" in r.stdout and "ellipse in box" in r.stdout
 
 
 def test_eval_is_deterministic_per_seed(tiny_polyps: Path, tmp_path: Path) -> None:
@@ -94,3 +95,25 @@ def test_models_list_and_info() -> None:
     assert info["official_sha256"].startswith("ec2df627")
     r = _wesam("models", "info", "nope")
     assert r.returncode != 0 and "unknown model" in r.stderr
+
+
+def test_errors_map_to_exit_codes_in_one_place() -> None:
+    from wesam.adapters.adapt.trainer import AdaptInterrupted
+    from wesam.adapters.errors import AdapterError, InvalidAdapterRef
+    from wesam.cli import exit_code
+    from wesam.data.errors import DataError
+    from wesam.errors import ConfigError, WesamError
+    from wesam.export.errors import ExportError
+    from wesam.sam.zoo import ModelLoadError
+
+    user_errors = [WesamError("x"), ConfigError("x"), ModelLoadError("x"), DataError("f.png", "x"),
+                   AdapterError("x"), InvalidAdapterRef("x"), ExportError("x")]
+    assert [exit_code(e) for e in user_errors] == [2] * len(user_errors)
+    assert exit_code(AdaptInterrupted("stopped")) == 130
+    # Historical builtin bases still catch them.
+    assert isinstance(ModelLoadError("x"), RuntimeError) and isinstance(DataError("f", "x"), ValueError)
+
+
+def test_adapters_activate_refuses_a_malformed_version(tmp_path: Path) -> None:
+    r = _wesam("adapters", "--registry", str(tmp_path), "activate", "polyp", "vx")
+    assert r.returncode == 2 and "invalid version" in r.stderr and "Traceback" not in r.stderr

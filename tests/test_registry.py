@@ -166,3 +166,24 @@ def test_cli_adapters_and_eval_with_adapter(base, tmp_path: Path) -> None:
     r = wesam("eval", "--model", "sam-micro", "--adapter", "polyp", "--registry", str(reg.root),
               "--data", str(data), "--quiet")
     assert r.returncode == 2 and "base model mismatch" in r.stderr
+
+
+def test_adapter_ref_is_the_one_spelling_of_domain_at_version() -> None:
+    from wesam.adapters.errors import InvalidAdapterRef
+    from wesam.adapters.ref import AdapterRef
+
+    ref = AdapterRef.parse("polyp@v3")
+    assert (ref.domain, ref.version, str(ref), ref.version_dir) == ("polyp", 3, "polyp@v3", "v3")
+    assert AdapterRef.parse("polyp") == AdapterRef("polyp") and str(AdapterRef("polyp")) == "polyp"
+    assert ref.at(4) == AdapterRef("polyp", 4) == AdapterRef.of("polyp", "v4") == AdapterRef.of("polyp", 4)
+    assert parse_ref(ref) is ref and parse_ref("a-b_c@v12") == AdapterRef("a-b_c", 12)
+    for bad in ("polyp@3", "polyp@v", "po lyp", "", "-x", "polyp@v1@v2", "x" * 65):
+        with pytest.raises(InvalidAdapterRef):
+            AdapterRef.parse(bad)
+    for version in (0, -1, True, "3"):
+        with pytest.raises(InvalidAdapterRef):
+            AdapterRef("polyp", version)
+    with pytest.raises(InvalidAdapterRef):
+        AdapterRef("polyp").version_dir
+    with pytest.raises(AdapterError):  # one base for callers that catch adapter problems
+        AdapterRef.of("polyp", "vx")

@@ -195,7 +195,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         _print_json(report)
         return 0 if report["ok"] else 1
     if args.adapters_cmd == "activate":
-        ref = AdapterRef.parse(f"{AdapterRef.parse(args.domain).domain}@v{args.version.lstrip('v')}")
+        ref = AdapterRef.of(AdapterRef.parse(args.domain).domain, args.version)
         reg.activate(ref.domain, ref.version)
         print(f"{ref.domain} -> {ref.version_dir}")
         return 0
