@@ -82,12 +82,12 @@ def _cfg(tmp_path: Path, **kw) -> PretrainConfig:
 
 def test_training_steps_resume_and_health(tmp_path: Path) -> None:
     logs: list[str] = []
-    summary = Pretrainer(_cfg(tmp_path), log=logs.append).run()
+    summary = Pretrainer(_cfg(tmp_path, inbox_weight=1.0), log=logs.append).run()
     assert summary["steps"] == 2
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert {"synthetic_box", "synthetic_click", "inbox_object_logit", "inbox_background_logit"} <= set(best)
     # A longer budget resumes from the checkpoint instead of starting over.
-    resumed = Pretrainer(_cfg(tmp_path, steps=3), log=logs.append)
+    resumed = Pretrainer(_cfg(tmp_path, steps=3, inbox_weight=1.0), log=logs.append)
     assert resumed.resume() and resumed.step == 2
     assert resumed.run()["steps"] == 3
     # The learning curve is readable from the run directory for the benchmark report.

@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of box prompts given as the exact box (the rest get SAM-scale jitter)")
     t.add_argument("--box-jitter-std", type=float, default=0.05, help="box noise std as a fraction of the side")
     t.add_argument("--box-jitter-max-px", type=float, default=5.0, help="box noise cap in input-frame pixels")
-    t.add_argument("--inbox-weight", type=float, default=1.0,
+    t.add_argument("--inbox-weight", type=float, default=0.0,
                    help="weight of the balanced object/background loss inside box prompts (0 disables)")
     t.add_argument("--with-stuff", dest="things_only", action="store_false",
                    help="keep semantic stuff classes (road, sky, ...) as training instances")
