@@ -47,6 +47,7 @@ HTTP_STATUS: dict[str, int] = {
     "export": 500,
     "error": 500,  # WesamError without a more specific kind
     "interrupted": 503,  # shutting down: retry elsewhere
+    "sample_store": 503,  # the captured-sample store is unreachable or failing
 }
 DEFAULT_STATUS = 500
 

@@ -110,6 +110,7 @@ GRPC_CODES: dict[str, str] = {
     "export": "INTERNAL",
     "error": "INTERNAL",
     "interrupted": "UNAVAILABLE",
+    "sample_store": "UNAVAILABLE",
 }
 
 
