@@ -7,6 +7,7 @@ Layering: ``wesam.service`` imports ``wesam.export``, ``wesam.adapters`` and the
 (front <-> runtime), ``cache`` (embedding LRU), ``runtime`` (torch / ONNX Runtime), ``router``
 (domain -> adapter version, registry reload, activation), ``engine`` (the pipeline), ``front``
 (HTTP front logic), ``admin`` (adapter admin API), ``grpc_server`` (KServe v2, with its gRPC
-codes), ``metrics``, ``service`` (the BentoML classes), ``cli`` (``wesam serve``), ``launch``
+codes), ``metrics``, ``capture`` (capture of served requests for online self-training),
+``service`` (the BentoML classes), ``cli`` (``wesam serve``), ``launch``
 (start a server process). See docs/serving.md.
 """

@@ -1,4 +1,5 @@
-"""Adapter administration over HTTP: list, reload, activate (roll forward or back).
+"""Administration over HTTP: adapters (list, reload, activate: roll forward or back) and captured
+samples (stats, delete a request's sample, delete a client's samples).
 
 A FastAPI app mounted into the BentoML service (BentoML only routes POST to ``@bentoml.api``
 methods and has no path parameters; mounted FastAPI routes also appear in its OpenAPI document).
@@ -108,6 +109,43 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
             if "error" in out:
                 raise ServiceError.from_json(out)
             return JSONResponse(out)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    async def answer(name: str, *args: Any) -> Any:
+        """A runtime call that answers a refusal as JSON (``activate``, the capture calls)."""
+        out = await call(name, *args)
+        if "error" in out and "kind" in out:
+            raise ServiceError.from_json(out)
+        return JSONResponse(out)
+
+    @app.get("/capture/stats", response_model=None, tags=["capture"],
+             summary="Captured samples per domain in the store, capture queue, outcomes since start (admin token)")
+    async def capture_stats(authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("capture_stats")
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.delete("/capture/clients/{domain}/{client}", response_model=None, tags=["capture"],
+                summary="Delete every captured sample of a client in a domain, queued ones included (admin token)")
+    async def capture_delete_client(domain: str, client: str,
+                                    authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("capture_delete_client", domain, client)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.delete("/capture/{request_id}", response_model=None, tags=["capture"],
+                summary="Delete the captured sample of one request, or cancel it while queued (admin token; "
+                        "404 if there is none)")
+    async def capture_delete(request_id: str,
+                             authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("capture_delete", request_id)
         except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 

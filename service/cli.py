@@ -50,6 +50,12 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--fallback-domain", help="serve unknown domains with this domain (or 'base') instead of 404")
     p.add_argument("--onnx-cache", help="where --runtime onnx keeps exported graphs")
     p.add_argument("--admin-token-file", help="file holding the admin token (enables the adapter admin API)")
+    p.add_argument("--capture-store", metavar="URL",
+                   help="capture served requests for online self-training into this sample store (SQLite path, "
+                        "sqlite:///abs/path.db or redis://host:port/db); off by default, see docs/online.md")
+    p.add_argument("--capture-domains", nargs="+", metavar="DOMAIN",
+                   help="domains whose requests are captured ('base': requests without a domain); none by default")
+    p.add_argument("--capture-rate", type=float, help="share of eligible requests captured, in [0, 1] (default 1)")
     p.add_argument("--development", action="store_true", help="BentoML development mode (one process)")
     p.set_defaults(func=cmd_serve)
 
@@ -62,12 +68,15 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     for flag, name in (("model", "model"), ("checkpoint", "checkpoint"), ("registry", "registry"),
                        ("runtime", "runtime"), ("device", "device"), ("workers", "workers"),
                        ("threads", "threads"), ("cache_mb", "cache_mb"), ("fallback_domain", "fallback_domain"),
-                       ("onnx_cache", "onnx_cache"), ("grpc_port", "grpc_port")):
+                       ("onnx_cache", "onnx_cache"), ("grpc_port", "grpc_port"),
+                       ("capture_store", "capture_store"), ("capture_rate", "capture_rate")):
         value = getattr(args, flag, None)
         if value is not None:
             over[name] = value
     if getattr(args, "merged", None):
         over["merged_domains"] = tuple(args.merged)
+    if getattr(args, "capture_domains", None):
+        over["capture_domains"] = tuple(args.capture_domains)
     if getattr(args, "admin_token_file", None):
         try:
             token = Path(args.admin_token_file).read_text().strip()
@@ -90,6 +99,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
             paths[name] = str(Path(value).expanduser().resolve())
     if config.model and Path(config.model).expanduser().is_file():
         paths["model"] = str(Path(config.model).expanduser().resolve())
+    if config.capture_store and "://" not in config.capture_store:  # a SQLite file given as a plain path
+        paths["capture_store"] = str(Path(config.capture_store).expanduser().resolve())
     return dataclasses.replace(config, **paths)
 
 

@@ -17,6 +17,8 @@ from wesam.errors import ConfigError  # noqa: F401  (serving config errors are w
 PREFIX = "WESAM_SERVE_"
 RUNTIMES = ("torch", "onnx")
 BASE = "base"  # the domain name that means "no adapter" (also used by export bundles)
+CAPTURE_FORMATS = ("jpeg", "png")
+CAPTURE_SCHEMES = ("sqlite", "redis", "rediss")  # and a plain path (SQLite); see wesam.adapters.online
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,20 @@ class ServeConfig:
     timeout_s: int = 60
     grpc_port: int | None = None
     grpc_host: str = "127.0.0.1"
+    # Capture of served requests for online self-training (service/capture.py, docs/online.md).
+    # Off unless a store is set, and then only for the domains listed (``base``: no-domain requests).
+    capture_store: str | None = field(default=None, repr=False)  # a Redis URL may hold a password
+    capture_domains: tuple[str, ...] = ()
+    capture_rate: float = 1.0  # share of eligible requests kept, by a hash of the request id
+    capture_domain_cap: int = 1000  # samples per domain per rolling hour (0: no cap)
+    capture_client_cap: int = 100  # samples per client and domain per rolling hour (0: no cap)
+    capture_queue: int = 64  # requests waiting for the capture thread; more are dropped
+    capture_queue_mb: float = 256.0  # bytes of images and masks those requests hold
+    capture_format: str = "jpeg"
+    capture_jpeg_quality: int = 90
+    capture_max_age_s: float = 30 * 86400.0  # retention (0: keep); applied with store.purge
+    capture_max_per_domain: int = 100_000  # retention (0: no limit)
+    capture_purge_s: float = 600.0  # how often the capture thread applies retention
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -69,6 +85,43 @@ class ServeConfig:
             raise ConfigError(f"{PREFIX}THREADS must be >= 1, got {self.threads}")
         if self.grpc_port is not None and not 0 < self.grpc_port < 65536:
             raise ConfigError(f"{PREFIX}GRPC_PORT must be a TCP port, got {self.grpc_port}")
+        self._check_capture()
+
+    def _check_capture(self) -> None:
+        from wesam.adapters.ref import DOMAIN_PATTERN
+
+        if self.capture_store is not None:
+            scheme, sep, rest = self.capture_store.partition("://")
+            if not self.capture_store.strip() or (sep and scheme not in CAPTURE_SCHEMES):
+                raise ConfigError(f"{PREFIX}CAPTURE_STORE must be a SQLite file path, sqlite:///abs/path.db or "
+                                  f"redis://host:port/db, got a {scheme or 'blank'!r} URL")
+            if scheme == "sqlite" and sep and not rest.startswith("/"):
+                raise ConfigError(f"{PREFIX}CAPTURE_STORE: a SQLite URL names an absolute path: sqlite:///abs/path.db")
+        bad = [d for d in self.capture_domains if not DOMAIN_PATTERN.match(d)]
+        if bad:
+            raise ConfigError(f"{PREFIX}CAPTURE_DOMAINS: {bad[0]!r} is not a domain name (or 'base')")
+        if not 0.0 <= self.capture_rate <= 1.0:
+            raise ConfigError(f"{PREFIX}CAPTURE_RATE must be in [0, 1], got {self.capture_rate}")
+        if self.capture_format not in CAPTURE_FORMATS:
+            raise ConfigError(f"{PREFIX}CAPTURE_FORMAT must be one of {', '.join(CAPTURE_FORMATS)}, "
+                              f"got {self.capture_format!r}")
+        if not 1 <= self.capture_jpeg_quality <= 95:
+            raise ConfigError(f"{PREFIX}CAPTURE_JPEG_QUALITY must be in [1, 95], got {self.capture_jpeg_quality}")
+        if self.capture_queue < 1 or self.capture_queue_mb <= 0 or self.capture_purge_s <= 0:
+            raise ConfigError(f"{PREFIX}CAPTURE_QUEUE must be >= 1, {PREFIX}CAPTURE_QUEUE_MB and "
+                              f"{PREFIX}CAPTURE_PURGE_S > 0")
+        for name in ("capture_domain_cap", "capture_client_cap", "capture_max_age_s", "capture_max_per_domain"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0 (0: no limit), got {getattr(self, name)}")
+
+    @property
+    def capture_enabled(self) -> bool:
+        """A capture store is configured (the domains listed decide what is captured)."""
+        return bool(self.capture_store)
+
+    @property
+    def capture_queue_bytes(self) -> int:
+        return int(self.capture_queue_mb * 1024 * 1024)
 
     @property
     def cache_bytes(self) -> int:
@@ -110,6 +163,11 @@ class ServeConfig:
         d = asdict(self)
         d["admin_token"] = "set" if self.admin_token else None
         d["merged_domains"] = list(self.merged_domains)
+        d["capture_domains"] = list(self.capture_domains)
+        if self.capture_store:
+            from wesam.adapters.online.store import redact_url
+
+            d["capture_store"] = redact_url(self.capture_store)
         return d
 
 

@@ -23,8 +23,8 @@ from wesam.sam.predictor import ImageEmbedding, Prompts
 from . import codec
 from .cache import CacheEntry, EmbeddingCache
 from .config import ServeConfig
-from .errors import (BadRequest, DomainMismatch, Internal, InvalidPrompt, PayloadTooLarge, UnknownImageId,
-                     to_service_error)
+from .errors import (BadRequest, CaptureDisabled, DomainMismatch, Internal, InvalidPrompt, PayloadTooLarge,
+                     UnknownImageId, to_service_error)
 from .messages import InferItem, InferResult
 from .router import AdapterRouter, Route
 from .runtime import AdapterHandle, ModelRuntime
@@ -32,6 +32,7 @@ from .runtime import AdapterHandle, ModelRuntime
 if TYPE_CHECKING:
     from wesam.sam.zoo import LoadedModel
 
+    from .capture import Capture
     from .metrics import Metrics
 
 log = logging.getLogger("wesam.service")
@@ -66,6 +67,13 @@ class SegmentEngine:
         self.ready = False
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Capture of served requests (off unless a store is configured): offered after each answer,
+        # written by its own thread (service/capture.py).
+        self.capture: Capture | None = None
+        if config.capture_enabled:
+            from .capture import Capture
+
+            self.capture = Capture(config, runtime.img_size, metrics=metrics)
 
     @classmethod
     def from_config(cls, config: ServeConfig, metrics: Metrics | None = None) -> "SegmentEngine":
@@ -138,6 +146,29 @@ class SegmentEngine:
             self._watcher.join(timeout=5)
             self._watcher = None
 
+    def close(self) -> None:
+        """Stop the registry watcher and the capture thread (writing what it has queued)."""
+        self.stop_watcher()
+        if self.capture is not None:
+            self.capture.close()
+
+    # -- capture administration ------------------------------------------------------------------
+    def _capture(self) -> Capture:
+        if self.capture is None:
+            raise CaptureDisabled("capture is off: start the server with WESAM_SERVE_CAPTURE_STORE set")
+        return self.capture
+
+    def capture_stats(self) -> dict[str, Any]:
+        if self.capture is None:
+            return {"enabled": False}
+        return self.capture.stats()
+
+    def capture_delete(self, request_id: str) -> dict[str, Any]:
+        return self._capture().delete(request_id)
+
+    def capture_delete_client(self, domain: str, client: str) -> dict[str, Any]:
+        return self._capture().delete_client(domain, client)
+
     def status(self) -> dict[str, Any]:
         return {
             "ready": self.ready,
@@ -205,10 +236,21 @@ class SegmentEngine:
                 self._decode(item, entries[i], res)
             except WesamError as e:
                 results[i] = _failed(e)
+                continue
             except Exception as e:  # a runtime failure on one request must not take the batch down
                 log.exception("decoder failed")
                 results[i] = _failed(Internal(f"decoder failed: {type(e).__name__}"))
+                continue
+            if self.capture is not None:
+                self._offer(item, res)
         return [r if r is not None else _failed(Internal("no result")) for r in results]
+
+    def _offer(self, item: InferItem, res: InferResult) -> None:
+        """Hand a served request to capture: a few checks and a non-blocking put, never an error."""
+        try:
+            self.capture.offer(item, res)  # type: ignore[union-attr]
+        except Exception:
+            log.exception("capture offer failed")
 
     def _lookup_image(self, item: InferItem) -> tuple[Route, str, CacheEntry | None]:
         image = codec.check_pixels(np.asarray(item.image), max_pixels=self.config.max_image_pixels)

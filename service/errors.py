@@ -28,9 +28,11 @@ HTTP_STATUS: dict[str, int] = {
     "unknown_version": 404,
     "unknown_image_id": 404,
     "unknown_model": 404,
+    "unknown_sample": 404,  # admin API: no captured (or pending) sample with that request id
     "domain_mismatch": 409,
     "adapter_refused": 409,
     "no_registry": 409,
+    "capture_disabled": 409,  # admin API: the server runs without a capture store
     "too_large": 413,
     "unsupported_media_type": 415,
     "invalid_prompt": 422,
@@ -116,6 +118,16 @@ class UnknownModel(ServiceError):
     """A KServe model name or version this server does not have."""
 
     kind = "unknown_model"
+
+
+class UnknownSample(ServiceError):
+    """No captured sample (stored or waiting to be written) has that request id."""
+
+    kind = "unknown_sample"
+
+
+class CaptureDisabled(ServiceError):
+    kind = "capture_disabled"
 
 
 class DomainMismatch(ServiceError):

@@ -23,6 +23,7 @@ from .metrics import domain_label
 from .requests import ParsedRequest, parse_embed, parse_segment
 
 if TYPE_CHECKING:
+    from .capture import RequestMeta
     from .engine import SegmentEngine
     from .metrics import Metrics
 
@@ -51,14 +52,18 @@ class Frontend:
             self._served = (time.monotonic(), domains)
         return domains
 
-    async def segment(self, fields: dict[str, Any] | ServiceError, form: bool = False) -> tuple[int, dict[str, Any]]:
-        return await self._handle("segment", fields, form)
+    async def segment(self, fields: dict[str, Any] | ServiceError, form: bool = False,
+                      meta: RequestMeta | None = None) -> tuple[int, dict[str, Any]]:
+        """``meta``: the request's id, client and capture opt-out (``capture.request_meta`` of its
+        headers); they travel to the runtime with the request."""
+        return await self._handle("segment", fields, form, meta)
 
-    async def embed(self, fields: dict[str, Any] | ServiceError, form: bool = False) -> tuple[int, dict[str, Any]]:
-        return await self._handle("embed", fields, form)
+    async def embed(self, fields: dict[str, Any] | ServiceError, form: bool = False,
+                    meta: RequestMeta | None = None) -> tuple[int, dict[str, Any]]:
+        return await self._handle("embed", fields, form, meta)
 
     async def _handle(self, endpoint: str, fields: dict[str, Any] | ServiceError,
-                      form: bool) -> tuple[int, dict[str, Any]]:
+                      form: bool, meta: RequestMeta | None = None) -> tuple[int, dict[str, Any]]:
         t0 = time.perf_counter()
         domain: str | None = None
         adapter = "none"
@@ -70,6 +75,9 @@ class Frontend:
             parse = parse_segment if endpoint == "segment" else parse_embed
             # Image decoding is CPU work: keep it off the event loop.
             parsed: ParsedRequest = await anyio.to_thread.run_sync(lambda: parse(fields, self.config, form=form))
+            if meta is not None:
+                parsed.item.request_id, parsed.item.client, parsed.item.capture = (meta.request_id, meta.client,
+                                                                                   meta.capture)
             t_parsed = time.perf_counter()
             result = await self._call_runtime(parsed.item)
             t_runtime = time.perf_counter()
@@ -169,7 +177,21 @@ class LocalRuntime:
         return await anyio.to_thread.run_sync(lambda: self.engine.refresh(force=force))
 
     async def activate(self, domain: str, version: int) -> dict[str, Any]:
+        return await self._answer(lambda: self.engine.activate(domain, version))
+
+    async def capture_stats(self) -> dict[str, Any]:
+        return await self._answer(self.engine.capture_stats)
+
+    async def capture_delete(self, request_id: str) -> dict[str, Any]:
+        return await self._answer(lambda: self.engine.capture_delete(request_id))
+
+    async def capture_delete_client(self, domain: str, client: str) -> dict[str, Any]:
+        return await self._answer(lambda: self.engine.capture_delete_client(domain, client))
+
+    @staticmethod
+    async def _answer(call: Any) -> dict[str, Any]:
+        """As the runtime process answers: a refusal as ``ServiceError.to_json()``, not raised."""
         try:
-            return await anyio.to_thread.run_sync(lambda: self.engine.activate(domain, version))
+            return await anyio.to_thread.run_sync(call)
         except WesamError as e:
             return to_service_error(e).to_json()

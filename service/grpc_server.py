@@ -27,6 +27,9 @@ outputs
     SCORES      FP32 [N, M] predicted IoU
     ADAPTER     BYTES [1]   "domain@vN" or "base"
     IMAGE_ID    BYTES [1]   send it back instead of IMAGE for prompt-only requests
+metadata (as HTTP's headers, for capture: service/capture.py)
+    x-request-id (else the request's ``id``, else a new UUID; sent back in the initial metadata),
+    x-wesam-client, x-wesam-capture: off
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from . import codec
+from .capture import REQUEST_ID_KEY, grpc_metadata, request_meta
 from .config import ServeConfig
 from .errors import BadRequest, InvalidImage, ServiceError, UnknownModel, to_service_error
 from .messages import InferItem, InferResult
@@ -92,9 +96,11 @@ GRPC_CODES: dict[str, str] = {
     "unknown_version": "NOT_FOUND",
     "unknown_image_id": "NOT_FOUND",
     "unknown_model": "NOT_FOUND",
+    "unknown_sample": "NOT_FOUND",
     "domain_mismatch": "FAILED_PRECONDITION",
     "adapter_refused": "FAILED_PRECONDITION",
     "no_registry": "FAILED_PRECONDITION",
+    "capture_disabled": "FAILED_PRECONDITION",
     "too_large": "INVALID_ARGUMENT",
     "unsupported_media_type": "INVALID_ARGUMENT",
     "invalid_prompt": "INVALID_ARGUMENT",
@@ -322,9 +328,14 @@ def _servicer_class():
             self._check_model(request.model_name, request.model_version)
             t0 = time.perf_counter()
             label, adapter = "base", "none"
+            # Metadata x-request-id (else the request's `id`, else a new UUID), x-wesam-client,
+            # x-wesam-capture: as HTTP's headers; the id comes back in the initial metadata.
+            meta = request_meta(grpc_metadata(context), fallback_id=request.id)
+            context.send_initial_metadata(((REQUEST_ID_KEY, meta.request_id),))
             try:
                 inputs = read_inputs(request, self.config.max_body_bytes)
                 item = build_item(inputs, self.config)
+                item.request_id, item.client, item.capture = meta.request_id, meta.client, meta.capture
                 label = domain_label(item.domain, self.engine.served_domains())
                 result = self.engine.infer([item])[0]
                 if result.error is not None:

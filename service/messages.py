@@ -48,6 +48,11 @@ class InferItem(BaseModel):
     prompts: PromptArrays | None = None
     multimask: bool = False
     return_logits: bool = False
+    # Who asked, for capture (service/capture.py): the request id the answer carries, the client id
+    # (X-Wesam-Client / x-wesam-client), and False when the request opted out (X-Wesam-Capture: off).
+    request_id: str | None = None
+    client: str | None = None
+    capture: bool = True
 
 
 class InferResult(BaseModel):
@@ -85,3 +90,10 @@ class RuntimeClient(Protocol):
     async def reload(self, force: bool = True) -> dict[str, Any]: ...
 
     async def activate(self, domain: str, version: int) -> dict[str, Any]: ...
+
+    # Capture administration; like ``activate``, errors come back as ``ServiceError.to_json()``.
+    async def capture_stats(self) -> dict[str, Any]: ...
+
+    async def capture_delete(self, request_id: str) -> dict[str, Any]: ...
+
+    async def capture_delete_client(self, domain: str, client: str) -> dict[str, Any]: ...

@@ -12,7 +12,7 @@ request value) and ``adapter`` is ``base`` or ``domain@vN``.
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from wesam.adapters.ref import AdapterRef
@@ -55,6 +55,28 @@ class Metrics:
                                         ["domain", "version"])
         self.adapter_active = Gauge("wesam_adapter_active_version", "Version served per domain (0: none)",
                                     ["domain"], multiprocess_mode="livemax")
+        self._capture: tuple[Any, Any] | None = None  # created when capture is on (capture_metrics)
+        self._capture_lock = threading.Lock()
+
+    def capture_metrics(self) -> tuple[Any, Any]:
+        """``wesam_capture_total{domain,outcome}`` and ``wesam_capture_queue_depth``, registered on
+        first use: a server without capture exposes neither."""
+        with self._capture_lock:
+            if self._capture is None:
+                from prometheus_client import Counter, Gauge
+
+                self._capture = (
+                    Counter("wesam_capture", "Served requests considered for capture, by served domain and outcome",
+                            ["domain", "outcome"]),
+                    Gauge("wesam_capture_queue_depth", "Captured requests waiting to be written to the store",
+                          multiprocess_mode="livesum"))
+            return self._capture
+
+    def capture_event(self, domain: str, outcome: str) -> None:
+        self.capture_metrics()[0].labels(domain, outcome).inc()
+
+    def capture_queue_depth(self, depth: int) -> None:
+        self.capture_metrics()[1].set(depth)
 
     def request(self, endpoint: str, domain: str, adapter: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, domain, adapter, str(status)).inc()

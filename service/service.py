@@ -23,6 +23,7 @@ import bentoml
 from pydantic import PrivateAttr
 
 from wesam.errors import WesamError
+from wesam.service.capture import REQUEST_ID_HEADER, RequestMeta, request_meta
 from wesam.service.config import ServeConfig
 from wesam.service.errors import ServiceError, to_service_error
 from wesam.service.messages import InferItem, InferResult
@@ -45,10 +46,12 @@ class _Body(bentoml.IODescriptor):
 
     _fields: Any = PrivateAttr(default=None)
     _form: bool = PrivateAttr(default=False)
+    _meta: Any = PrivateAttr(default=None)
 
     @classmethod
     async def from_http_request(cls, request: Any, serde: Any) -> "_Body":
         body = cls.model_construct()
+        body._meta = request_meta(request.headers)  # X-Request-Id, X-Wesam-Client, X-Wesam-Capture
         content_type = request.headers.get("content-type", "application/json")
         body._form = content_type.split(";")[0].strip().lower() in FORM_TYPES
         try:
@@ -66,10 +69,11 @@ class EmbedBody(_Body, EmbedRequest):
     pass
 
 
-def _json(status: int, body: dict[str, Any]) -> Any:
+def _json(status: int, body: dict[str, Any], meta: RequestMeta | None = None) -> Any:
     from starlette.responses import JSONResponse
 
-    return JSONResponse({k: v for k, v in body.items() if v is not None}, status_code=status)
+    headers = {REQUEST_ID_HEADER: meta.request_id} if meta is not None else None
+    return JSONResponse({k: v for k, v in body.items() if v is not None}, status_code=status, headers=headers)
 
 
 @bentoml.service(workers=1, threads=CONFIG.runtime_threads, traffic={"timeout": CONFIG.timeout_s})
@@ -119,14 +123,35 @@ class SamRuntime:
         except WesamError as e:
             return to_service_error(e).to_json()
 
+    @bentoml.api
+    def capture_stats(self) -> dict:
+        try:
+            return self.engine.capture_stats()
+        except WesamError as e:
+            return to_service_error(e).to_json()
+
+    @bentoml.api
+    def capture_delete(self, request_id: str) -> dict:
+        try:
+            return self.engine.capture_delete(request_id)
+        except WesamError as e:
+            return to_service_error(e).to_json()
+
+    @bentoml.api
+    def capture_delete_client(self, domain: str, client: str) -> dict:
+        try:
+            return self.engine.capture_delete_client(domain, client)
+        except WesamError as e:
+            return to_service_error(e).to_json()
+
     def __is_ready__(self) -> bool:
         return bool(self.engine.ready)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        self.engine.stop_watcher()
         if self.grpc is not None:
             self.grpc.stop(grace=2).wait(5)
+        self.engine.close()  # after gRPC: requests it finished may still be queued for capture
 
 
 class _RuntimeClient:
@@ -151,6 +176,15 @@ class _RuntimeClient:
     async def activate(self, domain: str, version: int) -> dict:
         return await self.proxy.to_async.activate(domain, version)
 
+    async def capture_stats(self) -> dict:
+        return await self.proxy.to_async.capture_stats()
+
+    async def capture_delete(self, request_id: str) -> dict:
+        return await self.proxy.to_async.capture_delete(request_id)
+
+    async def capture_delete_client(self, domain: str, client: str) -> dict:
+        return await self.proxy.to_async.capture_delete_client(domain, client)
+
 
 def _admin_app():
     from wesam.service.admin import make_admin_app
@@ -168,7 +202,9 @@ class Segmenter:
 
     POST /segment (masks for boxes/points/mask prompts), POST /embed (cache an embedding, get an
     image_id), GET /adapters, POST /adapters/reload, POST /adapters/{domain}/activate (admin
-    token), /livez, /readyz, /metrics. Errors are JSON: {"error", "kind", "status"}.
+    token), GET /capture/stats, DELETE /capture/{request_id}, DELETE /capture/clients/{domain}/{client}
+    (admin token), /livez, /readyz, /metrics. Errors are JSON: {"error", "kind", "status"}. Answers
+    carry an X-Request-Id header.
     """
 
     runtime = bentoml.depends(SamRuntime)
@@ -185,15 +221,15 @@ class Segmenter:
         """Masks for prompts on an image (JSON with base64 `image`, or multipart/form-data with an
         `image` file part), or on a cached embedding (`image_id`). One mask set per box; points
         without boxes form one prompt. `domain` picks the adapter. Masks are COCO RLE by default."""
-        status, body = await self.front.segment(request._fields, request._form)
-        return _json(status, body)
+        status, body = await self.front.segment(request._fields, request._form, request._meta)
+        return _json(status, body, request._meta)
 
     @bentoml.api(route="/embed")
     async def embed(self, request: EmbedBody, /) -> EmbedResponse:
         """Compute and cache the embedding of (image, domain); returns the `image_id` to send with
         prompt-only /segment requests."""
-        status, body = await self.front.embed(request._fields, request._form)
-        return _json(status, body)
+        status, body = await self.front.embed(request._fields, request._form, request._meta)
+        return _json(status, body, request._meta)
 
     async def __is_ready__(self) -> bool:
         try:

@@ -271,6 +271,64 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- capture ----------------------------------------------------------------------------------------
+
+CAPTURE_STORE_ENV = "WESAM_SERVE_CAPTURE_STORE"
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    """Operate on a captured-sample store directly (no server needed)."""
+    import os
+
+    from wesam.adapters.online import open_store
+
+    url = args.store or os.environ.get(CAPTURE_STORE_ENV)
+    if not url:
+        raise WesamError(f"give --store URL (or set ${CAPTURE_STORE_ENV})", kind="invalid_argument")
+    scheme, sep, rest = url.partition("://")
+    path = url if not sep else rest if scheme == "sqlite" else None
+    if path is not None and not Path(path).expanduser().is_file():  # do not create an empty store by a typo
+        raise WesamError(f"no sample store at {path}", kind="invalid_argument")
+    code = 0
+    with open_store(url) as store:
+        if args.capture_cmd == "stats":
+            domains = {}
+            for domain in store.domains():
+                clients = store.client_counts(domain)
+                row: dict[str, Any] = {"samples": sum(clients.values()), "clients": len(clients)}
+                if args.clients:
+                    row["per_client"] = dict(sorted(clients.items()))
+                domains[domain] = row
+            out: dict[str, Any] = {"store": store.location, "total": sum(r["samples"] for r in domains.values()),
+                                   "domains": domains}
+            text = [f"{store.location}: {out['total']} samples"]
+            for domain, row in domains.items():
+                text.append(f"  {domain:<24} {row['samples']:>8} samples  {row['clients']:>6} clients")
+                for client, n in row.get("per_client", {}).items():
+                    text.append(f"    {client:<40} {n:>8}")
+        elif args.capture_cmd == "delete":
+            deleted = [rid for rid in args.request_ids if store.delete(rid)]
+            missing = [rid for rid in args.request_ids if rid not in deleted]
+            out = {"store": store.location, "deleted": deleted, "missing": missing}
+            text = [f"deleted {len(deleted)} samples" + (f"; not found: {', '.join(missing)}" if missing else "")]
+            code = 1 if missing else 0
+        elif args.capture_cmd == "delete-client":
+            n = store.delete_client(args.domain, args.client)
+            out = {"store": store.location, "domain": args.domain, "client": args.client, "deleted": n}
+            text = [f"deleted {n} samples of {args.client} in {args.domain}"]
+        else:  # purge
+            if args.max_age_s is None and args.max_per_domain is None:
+                raise WesamError("purge needs --max-age-s and/or --max-per-domain", kind="invalid_argument")
+            n = store.purge(max_age_s=args.max_age_s, max_per_domain=args.max_per_domain)
+            out = {"store": store.location, "removed": n}
+            text = [f"removed {n} samples"]
+    if args.json:
+        _print_json(out)
+    else:
+        print("\n".join(text))
+    return code
+
+
 # -- bench ------------------------------------------------------------------------------------------
 
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
@@ -409,6 +467,28 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(models/sam-mini ships the embedded default)")
     t.add_argument("--ship-only", action="store_true", help="only ship the best weights of --out to --ship")
     t.set_defaults(func=cmd_pretrain)
+    c = sub.add_parser("capture", help="inspect and delete captured samples, apply retention (no server needed)",
+                       description="Work directly on a captured-sample store (docs/online.md). While a server "
+                                   "captures, prefer its admin API for deletions: it also cancels samples still "
+                                   "queued in the server.")
+    csub = c.add_subparsers(dest="capture_cmd", required=True)
+    cs = csub.add_parser("stats", help="samples and clients per domain")
+    cs.add_argument("--clients", action="store_true", help="also list the number of samples of every client")
+    cd = csub.add_parser("delete", help="delete the samples of these request ids (exit 1 if one is not found)")
+    cd.add_argument("request_ids", nargs="+", metavar="REQUEST_ID")
+    cc = csub.add_parser("delete-client", help="delete every sample of a client in a domain")
+    cc.add_argument("domain")
+    cc.add_argument("client")
+    cp = csub.add_parser("purge", help="apply retention: drop samples older than --max-age-s, then each "
+                                       "domain's oldest beyond --max-per-domain")
+    cp.add_argument("--max-age-s", type=float, metavar="SECONDS")
+    cp.add_argument("--max-per-domain", type=int, metavar="N")
+    for sp in (cs, cd, cc, cp):
+        sp.add_argument("--store", metavar="URL", help=f"SQLite path, sqlite:///abs/path.db or "
+                                                       f"redis://host:port/db (default: ${CAPTURE_STORE_ENV})")
+        sp.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(func=cmd_capture)
+
     from wesam.export.cli import add_export_parser
     from wesam.service.cli import add_serve_parser
 
