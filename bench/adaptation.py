@@ -3,8 +3,8 @@
 Targets: Kvasir-SEG and CVC-ClinicDB (adapt on train, report on test) and corrupted coco128_seg
 (gaussian_noise, motion_blur, fog, jpeg_compression at severity 5). Rows: direct testing, each
 weakly supervised method and its ablations, the oracle (same LoRA, ground-truth masks), and
-larger-LoRA rows. Model selection uses the validation part carved from the adaptation split;
-test splits are only scored. Each finished cell is saved at once, so the table survives being
+larger-LoRA rows. Model selection uses the validation part carved from the adaptation split
+(the `wesam fixed` row publishes the state at the last step instead); test splits are only scored. Each finished cell is saved at once, so the table survives being
 stopped and continues where it was.
 """
 
@@ -48,9 +48,16 @@ ROWS = (
     Row("self-training", "self-training"),
     Row("anchor", "anchor"),
     Row("wesam", "wesam"),
+    # Weak labels as constraints on pseudo-labels: the box clips them (box prompts), the labelled
+    # points fix a disk around each point (point prompts).
+    Row("wesam +clip", "wesam", {"clip_to_box": True, "respect_points": True}),
+    Row("wesam +anchor logit", "wesam", {"anchor_kind": "logit"}),
+    Row("wesam +anchor prob", "wesam", {"anchor_kind": "prob"}),
+    Row("wesam fixed", "wesam", {"select": "fixed"}),
     Row("wesam+", "wesam+"),
     Row("wesam+ +ema", "wesam+", {"ema_decay": 0.99}),
     Row("wesam+ +conf", "wesam+", {"confidence": 1.0}),
+    Row("wesam+ +conf q0.2", "wesam+", {"confidence_quantile": 0.2}),
     Row("wesam+ +pairwise", "wesam+", {"pairwise": True}),
     Row("oracle", "oracle"),
     Row("wesam+ r16 q,k,v,proj", "wesam+", {"lora_rank": 16, "lora_targets": ("q", "k", "v", "proj")}),
@@ -97,6 +104,7 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
     t0 = time.time()
     spec = PromptSpec(prompt, seed=seed)
     test = FolderDataset(data, "test", skip_bad=True)
+    speed = None
     if row.method is None:
         base = resolve_model(model)
         res = evaluate(SamPredictorCore(base.sam), test, spec)
@@ -111,10 +119,12 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
         with use_adapter(a.sam, "train"):
             res = evaluate(SamPredictorCore(a.sam), test, spec)
         steps_done = summary["steps"]
-        val = {"before": summary["val_before"], "after": summary["val_after"]}
+        val = {"before": summary["val_before"], "after": summary["val_after"],
+               "selected_step": summary["selected_step"]}
+        speed = summary["speed"]
     return {"target": target, "prompt": prompt, "row": row.name, "miou": res["miou"], "f1": res["f1"],
             "box_filled_miou": res["box_filled"]["miou"], "n_images": res["n_images"], "steps": steps_done,
-            "val": val, "seconds": round(time.time() - t0, 1)}
+            "val": val, "speed": speed, "seconds": round(time.time() - t0, 1)}
 
 
 def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -125,7 +135,8 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
              f"(`--targets`, `--prompts` and `--rows` pick cells; {meta.get('threads', '?')} torch thread(s) per cell). "
              "Adapt on the train split (model selection on a validation part carved from it), score on the test "
              "split. \"of oracle\" = (method − direct) / (oracle − direct), oracle with the same LoRA configuration "
-             "and steps.", ""]
+             "and steps; \"steps/s\" = training steps per second (validation excluded), \"enc\" = the "
+             "share of step time in the image encoder's forward + backward (the full split is in the JSON).", ""]
     cells = list(results.values())
     order = {r.name: i for i, r in enumerate(ROWS)}
     for target in dict.fromkeys(c["target"] for c in cells):
@@ -134,7 +145,8 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
                                                 key=lambda c: order.get(c["row"], len(order)))}
             direct = rows.get("direct")
             lines += [f"### {target}, {prompt} prompts", "",
-                      "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | minutes |", "|---|---|---|---|---|---|---|"]
+                      "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | minutes | steps/s | enc |",
+                      "|---|---|---|---|---|---|---|---|---|"]
             for name, c in rows.items():
                 delta = c["miou"] - direct["miou"] if direct else float("nan")
                 oracle_name = "oracle r16 q,k,v,proj" if "r16" in name else "oracle"
@@ -142,8 +154,12 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
                 frac = "-"
                 if direct and oracle and name not in ("direct",) and oracle["miou"] != direct["miou"]:
                     frac = f"{(c['miou'] - direct['miou']) / (oracle['miou'] - direct['miou']):.2f}"
+                sp = c.get("speed") or {}
+                rate = f"{sp['steps_per_s']:.3f}" if sp.get("steps") else "-"
+                enc = (f"{sp['share']['encoder_forward'] + sp['share']['encoder_backward']:.0%}"
+                       if sp.get("steps") else "-")
                 lines.append(f"| {name} | {c['miou']:.4f} | {c['f1']:.4f} | {delta:+.4f} | {frac} | "
-                             f"{c['box_filled_miou']:.4f} | {c['seconds'] / 60:.1f} |")
+                             f"{c['box_filled_miou']:.4f} | {c['seconds'] / 60:.1f} | {rate} | {enc} |")
             lines.append("")
     return "\n".join(lines)
 

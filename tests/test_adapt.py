@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+from wesam.adapters.adapt import constraints as C
 from wesam.adapters.adapt import losses as L
 from wesam.adapters.adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig
 from wesam.adapters.adapt.views import flip_view, strong_photometric
 from wesam.adapters.lora import adapter_state
 from wesam.adapters.registry import Registry
 from wesam.data.weak import derive_weak_labels
+from wesam.sam.transforms import SamTransform
 from wesam.sam.zoo import resolve_model, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,3 +322,214 @@ def test_drift_report_reads_a_finished_run(setup, capsys) -> None:
     assert set(report) == {"no adapter", "best", "last"}
     for stats in report.values():
         assert 0.0 <= stats["instance_miou"] <= 1.0 and stats["median_area_ratio"] >= 0.0
+
+
+# -- adaptation v2: weak-label constraints, confidence quantile, anchor kinds, selection, speed ------
+
+
+def test_input_frame_boxes_cover_the_resized_box_exactly() -> None:
+    t = SamTransform(1024, 256)
+    for size in ((48, 64), (1500, 2000)):  # up- and down-scaling
+        h, w = size
+        box = np.array([[10, 5, 20, 15]], np.float32)  # inclusive pixels
+        mask = np.zeros((1, h, w), np.float32)
+        mask[0, 5:16, 10:21] = 1
+        _, (ih, iw) = t.image_to_tensor(np.zeros((h, w, 3), np.uint8))
+        resized = torch.nn.functional.interpolate(torch.as_tensor(mask)[:, None], (ih, iw), mode="nearest")[:, 0] > 0
+        region = C.box_region(torch.as_tensor(C.input_frame_boxes(box, size, t)), (ih, iw), margin=0)
+        assert not (resized & ~region).any()  # every resized box pixel is inside
+        ys, xs = np.nonzero(region[0].numpy())
+        rys, rxs = np.nonzero(resized[0].numpy())
+        assert abs(ys.min() - rys.min()) <= 1 and abs(ys.max() - rys.max()) <= 1
+        assert abs(xs.min() - rxs.min()) <= 1 and abs(xs.max() - rxs.max()) <= 1
+    dilated = C.box_region(torch.tensor([[3.0, 4.0, 5.0, 6.0]]), (12, 12), margin=2)
+    assert dilated[0].sum() == (3 + 4) * (3 + 4) and dilated[0, 2, 1] and not dilated[0, 1, 1]
+
+
+def test_paint_points_and_quantile_weight() -> None:
+    x = torch.full((2, 9, 9), 0.5)
+    coords = torch.tensor([[[4.0, 4.0], [0.0, 0.0]], [[8.0, 8.0], [1.0, 7.0]]])
+    labels = torch.tensor([[1, 0], [0, -1]])
+    out = C.paint_points(x, coords, labels, radius=1)
+    assert out[0, 4, 4] == 1 and out[0, 3, 4] == 1 and out[0, 3, 3] == 0.5  # a disk, not a square
+    assert out[0, 0, 0] == 0 and out[0, 1, 0] == 0 and out[1, 8, 8] == 0
+    assert out[1, 7, 1] == 0.5  # label -1 is ignored
+    assert ((out != x).sum() == 5 + 3 + 3) and torch.equal(x, torch.full((2, 9, 9), 0.5))
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 40, 50, generator=g)
+    region = C.box_region(torch.tensor([[5.0, 5.0, 30.0, 20.0], [0.0, 0.0, 49.0, 39.0], [10.0, 10.0, 12.0, 12.0]]),
+                          (40, 50))
+    for q in (0.1, 0.5, 0.9):
+        w = C.quantile_weight(logits, q, region)
+        ignored = (w == 0)
+        assert not (ignored & ~region).any()  # outside the box nothing is ignored
+        assert ignored.sum().item() / region.sum().item() == pytest.approx(q, abs=2e-3)
+        # the ignored ones are the least confident of the box
+        assert logits.abs()[ignored].max() <= logits.abs()[region & ~ignored].min()
+    assert torch.equal(C.quantile_weight(logits, 0.0, region), torch.ones_like(logits))
+    assert (C.quantile_weight(logits, 0.25) == 0).float().mean().item() == pytest.approx(0.25, abs=1e-3)
+
+
+def test_anchor_hold_losses() -> None:
+    g = torch.Generator().manual_seed(0)
+    anchor = 3 * torch.randn(2, 8, 8, generator=g)
+    for kind in ("logit", "prob"):
+        same = anchor.clone().requires_grad_(True)
+        assert L.anchor_hold_loss(same, anchor, kind).item() == pytest.approx(0.0, abs=1e-12)
+        other = torch.randn(2, 8, 8, generator=g, requires_grad=True)
+        loss = L.anchor_hold_loss(other, anchor, kind)
+        assert math.isfinite(loss.item()) and loss.item() > 0
+        (grad,) = torch.autograd.grad(loss, other)
+        assert grad.abs().sum() > 0
+    # logit: agreement beyond the clip costs nothing; disagreement beyond it still pulls back
+    pred = torch.tensor([[[10.0, 10.0]]], requires_grad=True)
+    assert L.anchor_hold_loss(pred, torch.tensor([[[6.0, 50.0]]]), "logit", clip=4.0).item() == 0.0
+    loss = L.anchor_hold_loss(pred, torch.tensor([[[-6.0, -6.0]]]), "logit", clip=4.0)
+    assert loss.item() == pytest.approx(8 - 0.5)  # smooth-L1 of |4 - (-4)| = 8
+    (grad,) = torch.autograd.grad(loss, pred)
+    assert (grad > 0).all()
+    with pytest.raises(ValueError):
+        L.anchor_hold_loss(pred, anchor, "dice")
+
+
+def _capture(monkeypatch, name: str) -> list:
+    seen = []
+    orig = getattr(L, name)
+
+    def wrapped(*args, **kw):
+        seen.append(args)
+        return orig(*args, **kw)
+
+    monkeypatch.setattr(L, name, wrapped)
+    return seen
+
+
+def _losses_once(a: AdaptationTrainer, seed: int = 0):
+    weak, strong = a._view(a.train[0], np.random.default_rng(seed))
+    with torch.no_grad():
+        e_a = a.anchor.image_encoder(weak.image[None])
+        e_t = a.sam.image_encoder(weak.image[None])
+        e_s = a.sam.image_encoder(strong.image[None])
+        return weak, strong, a._image_losses(weak, strong, e_a, e_t, e_s)
+
+
+def test_clip_to_box_constrains_pseudo_and_anchor_labels(setup, monkeypatch) -> None:
+    st = _capture(monkeypatch, "self_training_loss")
+    an = _capture(monkeypatch, "anchor_loss")
+    plain = AdaptationTrainer(_cfg(setup, method="anchor"), log=lambda *_: None)
+    _losses_once(plain)
+    clip = AdaptationTrainer(_cfg(setup, method="anchor", clip_to_box=True, clip_margin=2), log=lambda *_: None)
+    weak, _, losses = _losses_once(clip)
+    assert all(math.isfinite(v.item()) for v in losses.values())
+    region = C.box_region(weak.box_pixels, weak.input_size, 2)
+    assert not ((weak.gt > 0.5) & ~region).any()  # exact: the object never leaves its dilated box
+    assert (~region).any()
+    for before, after in ((st[0][1], st[1][1]), (an[0][2], an[1][2])):  # pseudo-labels, anchor labels
+        assert (after[~region] == 0).all()
+        assert torch.equal(after[region], before[region])
+    # the untrained model predicts foreground outside the box somewhere, so the clip did something
+    assert (st[0][1][~region] > 0).any() or (an[0][2][~region] > 0).any()
+
+
+def test_respect_points_fixes_labelled_disks(setup, monkeypatch) -> None:
+    st = _capture(monkeypatch, "self_training_loss")
+    a = AdaptationTrainer(_cfg(setup, method="self-training", prompt="point", respect_points=True, point_radius=1),
+                          log=lambda *_: None)
+    weak, _, _ = _losses_once(a)
+    pseudo = st[0][1]
+    x = weak.coords_input[..., 0].round().long()
+    y = weak.coords_input[..., 1].round().long()
+    n = torch.arange(len(x))[:, None].expand_as(x)
+    lab = weak.point_labels
+    painted = pseudo[n, y, x]
+    pos = lab == 1
+    assert pos.any() and (painted[pos] == 1).all()
+    # a negative disk may be overpainted only by an overlapping positive disk of the same instance
+    assert (painted[lab == 0] == 0).float().mean() > 0.5
+
+
+def test_confidence_quantile_ignores_q_of_the_box(setup, monkeypatch) -> None:
+    st = _capture(monkeypatch, "self_training_loss")
+    a = AdaptationTrainer(_cfg(setup, method="wesam+", confidence_quantile=0.3), log=lambda *_: None)
+    weak, _, losses = _losses_once(a)
+    weight = st[0][3]
+    region = C.box_region(weak.box_pixels, weak.input_size, a.cfg.clip_margin)
+    ignored = weight == 0
+    assert not (ignored & ~region).any()
+    assert ignored.sum().item() / region.sum().item() == pytest.approx(0.3, abs=0.01)
+    assert math.isfinite(losses["focal"].item())
+    terms = a.train_step()
+    assert math.isfinite(terms["loss"])
+
+
+@pytest.mark.parametrize("kind", ["dice", "logit", "prob"])
+def test_anchor_kinds_train_and_vanish_when_student_is_anchor(setup, kind) -> None:
+    a = AdaptationTrainer(_cfg(setup, method="anchor", anchor_kind=kind), log=lambda *_: None)
+    weak, _ = a._view(a.train[0], np.random.default_rng(0))
+    with torch.no_grad():  # LoRA B = 0: the LoRA model equals the anchor; the weak view for all three
+        e = a.anchor.image_encoder(weak.image[None])
+        losses = a._image_losses(weak, weak, e, e, e)
+    assert math.isfinite(losses["anchor"].item())
+    if kind != "dice":  # dice against hard masks is not 0 for a soft prediction
+        assert losses["anchor"].item() == pytest.approx(0.0, abs=1e-6)
+    terms = a.train_step()
+    assert math.isfinite(terms["loss"]) and math.isfinite(terms["anchor"]) and terms["anchor"] >= 0
+
+
+def test_fixed_selection_publishes_the_last_step_and_reports_speed(setup) -> None:
+    a = AdaptationTrainer(_cfg(setup, steps=3, eval_every=1, select="fixed"), log=lambda *_: None)
+    summary = a.run(publish=True)
+    assert summary["select"] == "fixed" and summary["selected_step"] == 3
+    assert len(a.history) == 3  # validation still logged every step
+    last = torch.load(a.ckpt_path, weights_only=True)["adapter"]
+    published = Registry(a.cfg.registry).resolve(summary["adapter"])
+    assert published.meta["selection"] == {"rule": "fixed", "step": 3}
+    now = adapter_state(a.sam, ADAPTER)
+    assert all(torch.equal(now[k], last[k]) for k in last)
+    assert any(v.abs().sum() > 0 for k, v in last.items() if k.endswith("lora_B"))
+
+    speed = summary["speed"]
+    assert speed["steps"] == 3 and speed["steps_per_s"] > 0 and speed["train_seconds"] > 0
+    assert speed["validation_seconds"] > 0
+    share = speed["share"]
+    assert set(share) == {"encoder_forward", "encoder_backward", "decoder_forward", "decoder_backward", "rest"}
+    assert all(v >= 0 for v in share.values()) and sum(share.values()) <= 1 + 1e-9
+    assert share["encoder_forward"] > 0 and share["decoder_forward"] > 0 and share["encoder_backward"] > 0
+
+    best = AdaptationTrainer(_cfg(setup, steps=3, eval_every=1), log=lambda *_: None)
+    s = best.run(publish=False)
+    assert s["select"] == "best" and s["selected_step"] in [0] + [r["step"] for r in best.history if r.get("best")]
+
+
+def test_resume_accepts_checkpoints_from_before_the_new_options(setup) -> None:
+    work = str(setup[0] / "old-ckpt-work")
+    first = AdaptationTrainer(_cfg(setup, steps=2, method="self-training", work_dir=work), log=lambda *_: None)
+    first.run(publish=False)
+    state = torch.load(first.ckpt_path, weights_only=True)
+    cfg = json.loads(state["config"])
+    for k in ("clip_to_box", "clip_margin", "respect_points", "point_radius", "confidence_quantile", "anchor_kind",
+              "anchor_clip", "select"):
+        cfg.pop(k)
+    state["config"] = json.dumps(cfg)
+    state.pop("best_step")
+    torch.save(state, first.ckpt_path)
+    again = AdaptationTrainer(_cfg(setup, steps=3, method="self-training", work_dir=work, select="fixed"),
+                              log=lambda *_: None)
+    assert again.resume() and again.step == 2
+    changed = AdaptationTrainer(_cfg(setup, steps=3, method="self-training", work_dir=work, clip_to_box=True),
+                                log=lambda *_: None)
+    with pytest.raises(RuntimeError, match="clip_to_box"):
+        changed.resume()
+
+
+def test_cli_takes_the_v2_options(setup) -> None:
+    out = setup[0] / "summary-v2.json"
+    p = _wesam_adapt(setup, "--method", "wesam", "--clip-to-box", "--clip-margin", "3", "--confidence-quantile",
+                     "0.2", "--anchor-kind", "logit", "--select", "fixed", "--no-publish", "--json", str(out),
+                     steps=2)
+    stdout, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    summary = json.loads(out.read_text())
+    assert summary["select"] == "fixed" and summary["selected_step"] == 2 and summary["speed"]["steps"] == 2
+    assert "steps/s" in stdout + err  # the speed line is logged at the end

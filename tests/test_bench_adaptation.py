@@ -33,3 +33,30 @@ def test_markdown_reports_fraction_of_oracle_gain() -> None:
     md = to_markdown(cells, {"model": "sam-mini", "steps": 400, "seed": 0, "machine": "test", "command": "x"})
     wesam_line = next(line for line in md.splitlines() if line.startswith("| wesam |"))
     assert "+0.0300" in wesam_line and "| 0.30 |" in wesam_line
+
+
+def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
+    from wesam.adapters.adapt.trainer import AdaptConfig
+    from wesam.bench.adaptation import ROWS
+
+    rows = {r.name: r for r in ROWS}
+    assert rows["wesam"].extra == {}  # the faithful row stays
+    assert rows["wesam +clip"].extra == {"clip_to_box": True, "respect_points": True}
+    assert rows["wesam+ +conf q0.2"].extra == {"confidence_quantile": 0.2}
+    assert rows["wesam +anchor logit"].extra == {"anchor_kind": "logit"}
+    assert rows["wesam +anchor prob"].extra == {"anchor_kind": "prob"}
+    assert rows["wesam fixed"].extra == {"select": "fixed"}
+    names = set()
+    for r in ROWS:
+        if r.method is not None:
+            names.add(AdaptConfig(data="d", domain="x", method=r.method, **r.extra).run_name)
+    assert len(names) == len([r for r in ROWS if r.method is not None])  # distinct default work dirs
+
+    fast = _cell("wesam fixed", 0.62)
+    fast["speed"] = {"steps": 400, "steps_per_s": 0.5, "share": {"encoder_forward": 0.3, "encoder_backward": 0.4,
+                                                                  "decoder_forward": 0.1, "decoder_backward": 0.1,
+                                                                  "rest": 0.1}}
+    md = to_markdown({"d": _cell("direct", 0.60), "f": fast}, {"model": "m", "steps": 400, "seed": 0, "machine": "t"})
+    line = next(x for x in md.splitlines() if x.startswith("| wesam fixed |"))
+    assert line.endswith("| 0.500 | 70% |")
+    assert next(x for x in md.splitlines() if x.startswith("| direct |")).endswith("| - | - |")

@@ -226,6 +226,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, lr=args.lr, lora_rank=args.lora_rank, lora_targets=tuple(args.lora_targets),
             lora_alpha=args.lora_alpha, seed=args.seed, device=args.device, eval_every=args.eval_every,
             n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, pairwise=args.pairwise,
+            clip_to_box=args.clip_to_box, clip_margin=args.clip_margin, respect_points=args.respect_points,
+            point_radius=args.point_radius, confidence_quantile=args.confidence_quantile,
+            anchor_kind=args.anchor_kind, anchor_clip=args.anchor_clip, select=args.select,
             work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
         trainer = AdaptationTrainer(cfg)
@@ -423,6 +426,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--confidence", type=float, help="ignore pseudo-label pixels with |logit| below this")
     d.add_argument("--pairwise", action="store_true",
                    help="wesam+ with boxes: add BoxInst's colour-affinity pairwise term")
+    d.add_argument("--clip-to-box", action="store_true",
+                   help="box prompts: pseudo-label and anchor-label pixels outside the box (dilated by "
+                        "--clip-margin) are background")
+    d.add_argument("--clip-margin", type=int, default=2, help="box dilation in px at the model's input frame")
+    d.add_argument("--respect-points", action="store_true",
+                   help="point prompts: pseudo-labels and anchor labels take each labelled point's label "
+                        "in a disk of --point-radius px")
+    d.add_argument("--point-radius", type=int, default=2, help="disk radius in px at the model's input frame")
+    d.add_argument("--confidence-quantile", type=float, metavar="Q",
+                   help="ignore the Q fraction of in-box pixels with the smallest |teacher logit| (per image)")
+    d.add_argument("--anchor-kind", default="dice", choices=["dice", "logit", "prob"],
+                   help="anchor term: dice against the anchor's hard masks (reference), clamped smooth-L1 on "
+                        "logits, or MSE on probabilities")
+    d.add_argument("--anchor-clip", type=float, default=4.0, help="logit range of --anchor-kind logit")
+    d.add_argument("--select", default="best", choices=["best", "fixed"],
+                   help="publish the best state on validation, or the state at exactly --steps")
     d.add_argument("--eval-every", type=int, default=50, help="steps between validations")
     d.add_argument("--val-fraction", type=float, default=0.12)
     d.add_argument("--seed", type=int, default=0)

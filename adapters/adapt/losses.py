@@ -47,6 +47,34 @@ def anchor_loss(student: torch.Tensor, teacher: torch.Tensor, anchor_labels: tor
                                                                                       per_mask=False)
 
 
+ANCHOR_KINDS = ("dice", "logit", "prob")
+ANCHOR_LOGIT_CLIP = 4.0
+
+
+def _st_clamp(x: torch.Tensor, c: float) -> torch.Tensor:
+    """clamp(x, -c, c) in value, identity in gradient (straight through)."""
+    return x + (x.detach().clamp(-c, c) - x.detach())
+
+
+def anchor_hold_loss(pred: torch.Tensor, anchor_logits: torch.Tensor, kind: str,
+                     clip: float = ANCHOR_LOGIT_CLIP) -> torch.Tensor:
+    """Hold one network's logits to the anchor's soft prediction (not only its hard mask).
+
+    pred: (N, H, W) logits with gradient; anchor_logits: (N, H, W) target logits, no gradient.
+    - ``logit``: smooth-L1 (beta 1) between both logits clamped to [-clip, clip], mean over pixels.
+      The prediction is clamped straight-through, so pixels where both sides are beyond the same
+      bound cost nothing, and a prediction beyond the bound on the wrong side is still pulled back.
+    - ``prob``: MSE between sigmoid(pred) and sigmoid(anchor), mean over pixels.
+    Both are 0 when pred equals the anchor.
+    """
+    target = anchor_logits.detach().float()
+    if kind == "logit":
+        return F.smooth_l1_loss(_st_clamp(pred.float(), clip), target.clamp(-clip, clip), beta=1.0)
+    if kind == "prob":
+        return F.mse_loss(torch.sigmoid(pred.float()), torch.sigmoid(target))
+    raise ValueError(f"unknown anchor kind {kind!r}; choose from {', '.join(ANCHOR_KINDS[1:])}")
+
+
 def _pool(embedding: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """embedding (C, g, g) L2-normalised per location; masks (K, g, g) {0,1} -> (K, C) mean-pooled."""
     num = torch.einsum("kij,cij->kc", masks, embedding)

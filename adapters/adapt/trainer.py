@@ -12,6 +12,13 @@ view). Methods, from weakest to strongest supervision:
   confidence-masked pseudo-labels as separate ablations;
 - ``oracle``: the same LoRA trained on ground-truth masks (the upper bound).
 
+Options that leave the faithful method as the default (docs/adaptation.md, "Adaptation v2"):
+``clip_to_box``/``respect_points`` apply the weak label to the pseudo-labels and anchor labels,
+``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
+``anchor_kind`` holds the anchor's soft prediction (logit/prob) instead of its hard mask (dice),
+``select="fixed"`` publishes the last step instead of the best on validation. Every run
+reports its speed (steps/s and the share of step time per phase).
+
 Data order and augmentations of step ``t`` depend only on (seed, t): runs are deterministic on
 CPU and a resumed run continues exactly. Under ``torchrun`` each rank takes a slice of every
 batch and LoRA gradients are all-reduced (averaged) before each step, which is what DDP does.
@@ -19,7 +26,9 @@ batch and LoRA gradients are all-reduced (averaged) before each step, which is w
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -51,12 +60,16 @@ from ..lora import (
 )
 from ..registry import Registry
 from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
+from . import constraints as C
 from . import losses as L
 from .data import AdaptSample, load_adaptation_data
 from .views import flip_view, strong_photometric
 
 ADAPTER = "train"
 EMA_ADAPTER = "ema"
+SELECT_RULES = ("best", "fixed")
+# Settings that do not change the training trajectory: a resumed run may change them.
+RESUME_IGNORED = {"steps", "work_dir", "registry", "eval_every", "device", "select"}
 
 
 @dataclass
@@ -87,6 +100,16 @@ class AdaptConfig:
     ema_decay: float | None = None
     confidence: float | None = None  # ignore pseudo-label pixels with |teacher logit| below this
     pairwise: bool = False  # wesam+ with boxes: add BoxInst's colour-affinity pairwise term
+    # Weak labels as constraints on the teacher's pseudo-labels and the anchor's labels:
+    clip_to_box: bool = False  # box prompts: background outside the box dilated by clip_margin px
+    clip_margin: int = 2  # px at the model's input frame
+    respect_points: bool = False  # point prompts: a disk of point_radius px takes the point's label
+    point_radius: int = 2  # px at the model's input frame
+    # Ignore this fraction of in-box pixels with the smallest |teacher logit| (per image):
+    confidence_quantile: float | None = None
+    anchor_kind: str = "dice"  # dice (the reference), logit (clamped smooth-L1) or prob (MSE)
+    anchor_clip: float = L.ANCHOR_LOGIT_CLIP  # logit range of anchor_kind="logit"
+    select: str = "best"  # best: best-on-validation state; fixed: the state at exactly `steps`
     weights: dict[str, float] = field(default_factory=lambda: {
         "focal": 20.0, "dice": 1.0, "iou": 1.0, "anchor": 1.0, "contrast": 1.0,
         "box": 1.0, "pairwise": 1.0, "point": 1.0, "coarse": 1.0, "oracle_focal": 20.0, "oracle_dice": 1.0})
@@ -99,6 +122,14 @@ class AdaptConfig:
             raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.prompt not in ("box", "point", "coarse", "coarse-box"):
             raise ValueError(f"unknown prompt {self.prompt!r}")
+        if self.anchor_kind not in L.ANCHOR_KINDS:
+            raise ValueError(f"unknown anchor kind {self.anchor_kind!r}; choose from {', '.join(L.ANCHOR_KINDS)}")
+        if self.select not in SELECT_RULES:
+            raise ValueError(f"unknown selection rule {self.select!r}; choose from {', '.join(SELECT_RULES)}")
+        if self.confidence_quantile is not None and not 0.0 <= self.confidence_quantile < 1.0:
+            raise ValueError(f"confidence quantile must be in [0, 1), got {self.confidence_quantile}")
+        if self.clip_margin < 0 or self.point_radius < 0 or self.anchor_clip <= 0:
+            raise ValueError("clip margin and point radius must be >= 0 and the anchor clip > 0")
         self.lora_targets = tuple(self.lora_targets)
         self.n_points = tuple(self.n_points)
 
@@ -106,6 +137,11 @@ class AdaptConfig:
     def run_name(self) -> str:
         extra = (f"-ema{self.ema_decay}" if self.ema_decay else "") + (f"-conf{self.confidence}" if self.confidence else "")
         extra += "-pairwise" if self.pairwise else ""
+        extra += f"-clip{self.clip_margin}" if self.clip_to_box else ""
+        extra += f"-pts{self.point_radius}" if self.respect_points else ""
+        extra += f"-confq{self.confidence_quantile}" if self.confidence_quantile else ""
+        extra += f"-anchor{self.anchor_kind}" if self.anchor_kind != "dice" else ""
+        extra += "-fixed" if self.select != "best" else ""
         return f"{self.domain}-{self.method}{extra}-{self.prompt}-r{self.lora_rank}-{'+'.join(self.lora_targets)}-s{self.seed}"
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +177,35 @@ class _View:
     point_labels: torch.Tensor | None
     coarse_input: torch.Tensor | None  # (N, h, w)
     affinity: torch.Tensor | None = None  # (8, h, w) colour similarity to neighbours (pairwise loss)
+    box_pixels: torch.Tensor | None = None  # (N, 4) the box prompts as inclusive pixel boxes, input frame
+
+
+class _Clock:
+    """Perf counters: accumulated seconds per phase (CUDA is synchronised at each reading)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def add(self, key: str, seconds: float) -> None:
+        self.totals[key] = self.totals.get(key, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, key: str):
+        t = self.now()
+        try:
+            yield
+        finally:
+            self.add(key, self.now() - t)
+
+
+SPEED_PHASES = ("encoder_forward", "encoder_backward", "decoder_forward", "decoder_backward")
 
 
 class AdaptationTrainer:
@@ -177,6 +242,8 @@ class AdaptationTrainer:
         self.history: list[dict[str, Any]] = []
         self.val_before: dict[str, Any] | None = None
         self.seconds = 0.0
+        self.best_step = 0
+        self.clock = _Clock(self.device)
 
     # -- data
     def _view(self, sample: AdaptSample, rng: np.random.Generator) -> tuple[_View, _View | None]:
@@ -216,6 +283,9 @@ class AdaptationTrainer:
                          labels, coarse_in)
 
         weak, strong_view = make(image), make(strong)
+        if label.boxes is not None:
+            weak.box_pixels = strong_view.box_pixels = torch.as_tensor(
+                C.input_frame_boxes(label.boxes, orig, t), dtype=torch.float32, device=dev)
         if cfg.pairwise and cfg.method == "wesam+" and label.boxes is not None:
             # Colours of the weak view: the strong view's photometric changes would fake edges.
             h, w = weak.input_size
@@ -227,6 +297,10 @@ class AdaptationTrainer:
     # -- model passes
     def _decode(self, sam, emb: torch.Tensor, v: _View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """emb (1, C, g, g) -> low-res (N, 1, L, L), full logits cropped to the input (N, h, w), IoU (N,)."""
+        with self.clock("decoder_forward"):
+            return self._decode_untimed(sam, emb, v)
+
+    def _decode_untimed(self, sam, emb: torch.Tensor, v: _View) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sparse, dense = sam.prompt_encoder(points=v.points, boxes=v.boxes, masks=v.mask_prompt)
         low, iou = sam.mask_decoder(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
                                     sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
@@ -252,17 +326,28 @@ class AdaptationTrainer:
                 t_low, t_full, _ = self._decode(sam, e_t, weak)
         else:
             t_low, t_full, _ = self._decode(sam, e_t, weak)
-        pseudo = (t_full.detach() > 0).float()
+        region = self._box_region(weak)
+        pseudo = self._constrain((t_full.detach() > 0).float(), weak, region, 1.0, 0.0)
         weight = (t_full.detach().abs() >= cfg.confidence).float() if cfg.confidence else None
+        if cfg.confidence_quantile:
+            q = C.quantile_weight(t_full.detach(), cfg.confidence_quantile, region)
+            weight = q if weight is None else weight * q
         out.update(L.self_training_loss(s_full, pseudo, s_iou, weight))
         if cfg.method in ("anchor", "wesam", "wesam+"):
             with torch.no_grad():
                 a_low, a_full, _ = self._decode(self.anchor, e_a, weak)
-            a_lab = (a_full > 0).float()
-            if cfg.ema_decay:  # the EMA teacher has no gradient: tie the student only
-                out["anchor"] = L.dice_loss(s_full, a_lab, per_mask=False)
-            else:
-                out["anchor"] = L.anchor_loss(s_full, t_full, a_lab)
+            if cfg.anchor_kind == "dice":
+                a_lab = self._constrain((a_full > 0).float(), weak, region, 1.0, 0.0)
+                if cfg.ema_decay:  # the EMA teacher has no gradient: tie the student only
+                    out["anchor"] = L.dice_loss(s_full, a_lab, per_mask=False)
+                else:
+                    out["anchor"] = L.anchor_loss(s_full, t_full, a_lab)
+            else:  # hold the anchor's soft prediction; constraints set saturated logits
+                a_tgt = self._constrain(a_full, weak, region, 1e4, -1e4)
+                out["anchor"] = L.anchor_hold_loss(s_full, a_tgt, cfg.anchor_kind, cfg.anchor_clip)
+                if not cfg.ema_decay:
+                    out["anchor"] = 0.5 * out["anchor"] + 0.5 * L.anchor_hold_loss(
+                        t_full, a_tgt, cfg.anchor_kind, cfg.anchor_clip)
             if cfg.method in ("wesam", "wesam+"):
                 if cfg.ema_decay:
                     out["contrast"] = L.contrastive_loss(e_s[0], e_a[0], s_low, a_low)
@@ -279,7 +364,30 @@ class AdaptationTrainer:
                 out["coarse"] = L.coarse_agreement_loss(s_full, strong.coarse_input)
         return out
 
+    def _box_region(self, v: _View) -> torch.Tensor | None:
+        """(N, h, w) bool: each instance's box prompt dilated by clip_margin; None without box prompts."""
+        if v.box_pixels is None or not (self.cfg.clip_to_box or self.cfg.confidence_quantile):
+            return None
+        return C.box_region(v.box_pixels, v.input_size, self.cfg.clip_margin)
+
+    def _constrain(self, x: torch.Tensor, v: _View, region: torch.Tensor | None, pos: float, neg: float
+                   ) -> torch.Tensor:
+        """Apply the weak label to labels/logits x (N, h, w): ``neg`` outside the dilated box (clip_to_box),
+        ``pos``/``neg`` in a disk around each positive/negative labelled point (respect_points)."""
+        if self.cfg.clip_to_box and region is not None:
+            x = torch.where(region, x, torch.full_like(x, neg))
+        if self.cfg.respect_points and v.coords_input is not None:
+            x = C.paint_points(x, v.coords_input, v.point_labels, self.cfg.point_radius, pos, neg)
+        return x
+
     def train_step(self) -> dict[str, float]:
+        start = self.clock.now()
+        terms = self._train_step()
+        self.clock.add("step", self.clock.now() - start)
+        self.clock.steps += 1
+        return terms
+
+    def _train_step(self) -> dict[str, float]:
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, self.step])
         picks = rng.choice(len(self.train), cfg.batch_size, replace=len(self.train) < cfg.batch_size)
@@ -291,19 +399,20 @@ class AdaptationTrainer:
         sam = self.sam
         needs_teacher_grad = cfg.method in ("anchor", "wesam", "wesam+") and not cfg.ema_decay
         e_a = e_t = None
-        if cfg.method != "oracle":
-            if cfg.method != "self-training":
-                with torch.no_grad():
-                    e_a = self.anchor.image_encoder(weak)
-            if cfg.ema_decay:
-                with torch.no_grad(), use_adapter(sam, EMA_ADAPTER):
+        with self.clock("encoder_forward"):
+            if cfg.method != "oracle":
+                if cfg.method != "self-training":
+                    with torch.no_grad():
+                        e_a = self.anchor.image_encoder(weak)
+                if cfg.ema_decay:
+                    with torch.no_grad(), use_adapter(sam, EMA_ADAPTER):
+                        e_t = sam.image_encoder(weak)
+                elif needs_teacher_grad:
                     e_t = sam.image_encoder(weak)
-            elif needs_teacher_grad:
-                e_t = sam.image_encoder(weak)
-            else:
-                with torch.no_grad():
-                    e_t = sam.image_encoder(weak)
-        e_s = sam.image_encoder(strong)
+                else:
+                    with torch.no_grad():
+                        e_t = sam.image_encoder(weak)
+            e_s = sam.image_encoder(strong)
         total = torch.zeros((), device=self.device)
         terms: dict[str, float] = {}
         for i, (wv, sv) in enumerate(views):
@@ -317,7 +426,18 @@ class AdaptationTrainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
+        # The gradient reaches the image embeddings once the decoder's backward is done (autograd runs
+        # later-created nodes first); what follows is the encoders' backward.
+        reached: list[float] = []
+        for e in (e_t, e_s):
+            if e is not None and e.requires_grad:
+                e.register_hook(lambda g: reached.append(self.clock.now()))
+        b0 = self.clock.now()
         total.backward()
+        b1 = self.clock.now()
+        split = max(reached) if reached else b1
+        self.clock.add("decoder_backward", split - b0)
+        self.clock.add("encoder_backward", b1 - split)
         if self.world > 1:
             for p in self.params:
                 if p.grad is None:
@@ -365,6 +485,7 @@ class AdaptationTrainer:
             "step": self.step,
             "seconds": self.seconds,
             "best_val": self.best_val,
+            "best_step": self.best_step,
             "best_state": self.best_state or {},
             "history": json.dumps(self.history),
             "val_before": json.dumps(self.val_before),
@@ -380,8 +501,9 @@ class AdaptationTrainer:
         state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
         saved = json.loads(state["config"])
         mine = self.cfg.to_json()
-        ignore = {"steps", "work_dir", "registry", "eval_every", "device"}
-        diff = {k for k in mine if k not in ignore and saved.get(k) != mine[k]}
+        # A setting the checkpoint predates counts as its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(AdaptConfig) if f.default is not dataclasses.MISSING}
+        diff = {k for k in mine if k not in RESUME_IGNORED and saved.get(k, defaults.get(k)) != mine[k]}
         if diff:
             raise RuntimeError(f"{self.ckpt_path} was made with different settings ({', '.join(sorted(diff))}); "
                                "use another --work-dir or --no-resume")
@@ -391,6 +513,7 @@ class AdaptationTrainer:
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
         self.best_val = float(state["best_val"])
+        self.best_step = int(state.get("best_step", 0))
         self.best_state = state["best_state"] or None
         self.history = json.loads(state["history"])
         self.val_before = json.loads(state["val_before"])
@@ -404,6 +527,7 @@ class AdaptationTrainer:
         if res["miou"] > self.best_val:
             self.best_val = res["miou"]
             self.best_state = {k: v.clone() for k, v in adapter_state(self.sam, ADAPTER).items()}
+            self.best_step = self.step
             row["best"] = True
         self.log(f"step {self.step}: val mIoU {res['miou']:.4f} (best {self.best_val:.4f})")
         return res
@@ -431,7 +555,8 @@ class AdaptationTrainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in terms.items()}, refresh=False)
                 if self.rank == 0 and self.val and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    self._validate_and_keep(terms)
+                    with self.clock("validation"):
+                        self._validate_and_keep(terms)
                     self.save_checkpoint()
         except KeyboardInterrupt:
             bar.close()
@@ -441,30 +566,65 @@ class AdaptationTrainer:
         self.save_checkpoint()
         if self.rank != 0:
             return {}
-        if self.best_state is not None:
+        if cfg.select == "best" and self.best_state is not None:
             load_adapter_state(self.sam, ADAPTER, self.best_state)
+            selected = self.best_step
+        else:  # "fixed": the state at exactly `steps` (validation was only logged)
+            selected = self.step
         after = self.evaluate_val() if self.val else None
+        speed = self.speed_report()
         summary = {
             "domain": cfg.domain, "method": cfg.method, "prompt": cfg.prompt, "steps": self.step,
+            "select": cfg.select, "selected_step": selected,
             "seconds": round(self.seconds, 1), "val_before": _brief(self.val_before), "val_after": _brief(after),
-            "n_train": len(self.train), "n_val": len(self.val),
+            "n_train": len(self.train), "n_val": len(self.val), "speed": speed,
         }
+        self.log(f"published state: step {selected} ({cfg.select})")
+        if speed["steps"]:
+            sh = speed["share"]
+            self.log(f"speed: {speed['steps']} steps in {speed['train_seconds']:.1f} s ({speed['steps_per_s']:.3f} "
+                     f"steps/s, validation {speed['validation_seconds']:.1f} s); encoder forward "
+                     f"{sh['encoder_forward']:.0%}, encoder backward {sh['encoder_backward']:.0%}, decoder forward "
+                     f"{sh['decoder_forward']:.0%}, decoder backward {sh['decoder_backward']:.0%}, rest {sh['rest']:.0%}")
         if publish and cfg.registry:
             art = self._publish(summary)
             summary["adapter"] = str(art.ref)
             summary["adapter_path"] = str(art.path)
         return summary
 
+    def speed_report(self) -> dict[str, Any]:
+        """Training steps run by this process, their rate, and each phase's share of training-step time.
+
+        Shares (of the time inside training steps, validation excluded) are encoder forward (anchor,
+        teacher, student), encoder backward, decoder forward (prompt encoder + mask decoder +
+        upsampling, all networks), decoder backward, and the rest (views, losses, optimiser); they
+        sum to 1. A resumed run reports the steps since it resumed.
+        """
+        c = self.clock
+        step_s = c.totals.get("step", 0.0)
+        share = {k: (c.totals.get(k, 0.0) / step_s if step_s > 0 else 0.0) for k in SPEED_PHASES}
+        scale = sum(share.values())
+        if scale > 1.0:  # timer overlap rounding: keep the shares a partition
+            share = {k: v / scale for k, v in share.items()}
+        share["rest"] = max(0.0, 1.0 - sum(share.values()))
+        return {"steps": c.steps, "train_seconds": round(step_s, 3),
+                "steps_per_s": round(c.steps / step_s, 4) if step_s > 0 else 0.0,
+                "validation_seconds": round(c.totals.get("validation", 0.0), 3), "share": share}
+
     def _publish(self, summary: dict[str, Any]):
         cfg = self.cfg
         reg = Registry(cfg.registry)
         extra = {
             "method": cfg.method + (f"+ema{cfg.ema_decay}" if cfg.ema_decay else "")
-            + (f"+conf{cfg.confidence}" if cfg.confidence else ""),
+            + (f"+conf{cfg.confidence}" if cfg.confidence else "")
+            + ("+clip" if cfg.clip_to_box else "") + ("+points" if cfg.respect_points else "")
+            + (f"+confq{cfg.confidence_quantile}" if cfg.confidence_quantile else "")
+            + (f"+anchor-{cfg.anchor_kind}" if cfg.anchor_kind != "dice" else ""),
             "prompt": cfg.prompt,
             "data": {"path": str(cfg.data), "split": cfg.split, "fingerprint": self.fingerprint,
                      "n_train": len(self.train), "n_val": len(self.val)},
             "steps": self.step, "seed": cfg.seed, "train_seconds": round(self.seconds, 1),
+            "selection": {"rule": cfg.select, "step": summary["selected_step"]},
             "metrics": {"before": summary["val_before"], "after": summary["val_after"],
                         "measured_on": "validation split carved from the adaptation data"},
             "config": cfg.to_json(),

@@ -1,0 +1,96 @@
+"""Weak labels as constraints on pseudo-labels, and the per-image confidence quantile.
+
+Everything works on one image's N instances at loss resolution, (N, h, w), in the model's
+input frame (the resized image before padding), the frame the trainer's logits are cropped to.
+
+- :func:`box_region`: the pixels of each instance's box prompt, dilated by a margin. A box prompt
+  is tight, so no pixel of the object lies outside it: clipping pseudo-labels to it is free and
+  exact (up to the margin, which absorbs resampling).
+- :func:`paint_points`: a small disk around each labelled point takes the point's label.
+- :func:`quantile_weight`: ignore the ``q`` fraction of in-box pixels where the teacher is least
+  sure (smallest |logit|), a rule on the model's own logit scale instead of a fixed threshold.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from wesam.sam.transforms import SamTransform
+
+
+def input_frame_boxes(boxes: np.ndarray, original_size: tuple[int, int], transform: SamTransform) -> np.ndarray:
+    """Inclusive pixel boxes (N, 4) xyxy in the original image -> inclusive pixel boxes in the input frame.
+
+    An original pixel x covers [x, x + 1); after scaling by s it covers [x·s, (x + 1)·s), so the box's
+    input-frame pixels run from floor(x0·s) to ceil((x1 + 1)·s) − 1 (exact under up- and down-scaling).
+    """
+    b = np.asarray(boxes, dtype=np.float64).copy()
+    b[:, 2:] += 1.0
+    b = transform.boxes(b, original_size)
+    out = np.stack([np.floor(b[:, 0]), np.floor(b[:, 1]), np.ceil(b[:, 2]) - 1, np.ceil(b[:, 3]) - 1], 1)
+    out[:, 2:] = np.maximum(out[:, 2:], out[:, :2])
+    return out
+
+
+def box_region(boxes: torch.Tensor, size: tuple[int, int], margin: int = 0) -> torch.Tensor:
+    """(N, 4) inclusive pixel boxes xyxy -> (N, h, w) bool: inside the box dilated by ``margin`` pixels."""
+    h, w = size
+    ys = torch.arange(h, device=boxes.device)[None, :, None]
+    xs = torch.arange(w, device=boxes.device)[None, None, :]
+    b = boxes.round().long()[:, :, None, None]
+    return ((xs >= b[:, 0] - margin) & (xs <= b[:, 2] + margin)
+            & (ys >= b[:, 1] - margin) & (ys <= b[:, 3] + margin))
+
+
+def _disk(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    r = int(radius)
+    d = torch.arange(-r, r + 1, device=device)
+    dy, dx = torch.meshgrid(d, d, indexing="ij")
+    keep = dy * dy + dx * dx <= r * r
+    return dy[keep], dx[keep]
+
+
+def paint_points(x: torch.Tensor, coords: torch.Tensor, labels: torch.Tensor, radius: int,
+                 pos_value: float = 1.0, neg_value: float = 0.0) -> torch.Tensor:
+    """Set a disk of ``radius`` px around every labelled point of instance n in x[n] to its label.
+
+    x: (N, h, w); coords: (N, K, 2) xy in the same frame; labels: (N, K), 1 positive, 0 negative,
+    anything else ignored. Negatives are painted first, so a positive disk wins where two overlap.
+    Returns a new tensor; pixels away from the points are unchanged.
+    """
+    out = x.clone()
+    n, h, w = x.shape
+    dy, dx = _disk(radius, x.device)
+    cx = coords[..., 0].round().long()[..., None] + dx  # (N, K, D)
+    cy = coords[..., 1].round().long()[..., None] + dy
+    rows = torch.arange(n, device=x.device)[:, None, None].expand_as(cx)
+    inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+    for value, lab in ((neg_value, 0), (pos_value, 1)):
+        sel = inside & (labels == lab)[..., None]
+        if sel.any():
+            out[rows[sel], cy[sel], cx[sel]] = value
+    return out
+
+
+def quantile_weight(logits: torch.Tensor, q: float, region: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, h, w) {0,1} weight that ignores the ``q`` fraction of ``region``'s elements with the smallest |logit|.
+
+    region: (N, h, w) bool (the instances' boxes), or None for every element. The k = round(q·|region|)
+    smallest |logit| in the region (all instances of the image pooled) get weight 0; ties at the
+    k-th value are ignored too. Elements outside the region keep weight 1.
+    """
+    conf = logits.detach().abs().float()
+    weight = torch.ones_like(conf)
+    pool = conf[region] if region is not None else conf.reshape(-1)
+    k = math.floor(q * pool.numel() + 0.5)
+    if k <= 0:
+        return weight
+    thr = pool.kthvalue(min(k, pool.numel())).values
+    low = conf <= thr
+    if region is not None:
+        low &= region
+    weight[low] = 0.0
+    return weight
