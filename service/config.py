@@ -18,7 +18,6 @@ PREFIX = "WESAM_SERVE_"
 RUNTIMES = ("torch", "onnx")
 BASE = "base"  # the domain name that means "no adapter" (also used by export bundles)
 CAPTURE_FORMATS = ("jpeg", "png")
-CAPTURE_SCHEMES = ("sqlite", "redis", "rediss")  # and a plain path (SQLite); see wesam.adapters.online
 
 
 @dataclass(frozen=True)
@@ -91,12 +90,12 @@ class ServeConfig:
         from wesam.adapters.ref import DOMAIN_PATTERN
 
         if self.capture_store is not None:
-            scheme, sep, rest = self.capture_store.partition("://")
-            if not self.capture_store.strip() or (sep and scheme not in CAPTURE_SCHEMES):
-                raise ConfigError(f"{PREFIX}CAPTURE_STORE must be a SQLite file path, sqlite:///abs/path.db or "
-                                  f"redis://host:port/db, got a {scheme or 'blank'!r} URL")
-            if scheme == "sqlite" and sep and not rest.startswith("/"):
-                raise ConfigError(f"{PREFIX}CAPTURE_STORE: a SQLite URL names an absolute path: sqlite:///abs/path.db")
+            from wesam.adapters.online import SampleStoreError, parse_store_url
+
+            try:
+                parse_store_url(self.capture_store)
+            except SampleStoreError as e:
+                raise ConfigError(f"{PREFIX}CAPTURE_STORE: {e}") from None
         bad = [d for d in self.capture_domains if not DOMAIN_PATTERN.match(d)]
         if bad:
             raise ConfigError(f"{PREFIX}CAPTURE_DOMAINS: {bad[0]!r} is not a domain name (or 'base')")

@@ -349,6 +349,12 @@ def test_open_store_urls(tmp_path: Path) -> None:
         with pytest.raises(SampleStoreError, match=needle) as err:
             open_store(url)
         assert err.value.kind == "config" and "secret" not in str(err.value)
+    missing = tmp_path / "missing.db"
+    with pytest.raises(SampleStoreError, match="no sample store"):
+        open_store(str(missing), create=False)
+    assert not missing.exists()
+    with open_store(f"sqlite://{tmp_path}/plain.db", create=False) as c:  # an existing store opens
+        assert c.location == str(tmp_path / "plain.db")
 
 
 def test_unreachable_redis_is_a_clear_error() -> None:

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from wesam.service.config import PREFIX as SERVE_ENV_PREFIX  # stdlib-only module: keeps --help fast
+
 from .errors import WesamError
 from .version import __version__
 
@@ -276,7 +278,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 # -- capture ----------------------------------------------------------------------------------------
 
-CAPTURE_STORE_ENV = "WESAM_SERVE_CAPTURE_STORE"
+CAPTURE_STORE_ENV = f"{SERVE_ENV_PREFIX}CAPTURE_STORE"  # the store `wesam serve` captures into
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -288,12 +290,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     url = args.store or os.environ.get(CAPTURE_STORE_ENV)
     if not url:
         raise WesamError(f"give --store URL (or set ${CAPTURE_STORE_ENV})", kind="invalid_argument")
-    scheme, sep, rest = url.partition("://")
-    path = url if not sep else rest if scheme == "sqlite" else None
-    if path is not None and not Path(path).expanduser().is_file():  # do not create an empty store by a typo
-        raise WesamError(f"no sample store at {path}", kind="invalid_argument")
     code = 0
-    with open_store(url) as store:
+    with open_store(url, create=False) as store:
         if args.capture_cmd == "stats":
             domains = {}
             for domain in store.domains():

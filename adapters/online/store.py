@@ -22,6 +22,7 @@ import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -305,27 +306,38 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def open_store(url: str) -> SampleStore:
-    """``sqlite:///abs/path.db`` or a plain path -> SQLite; ``redis://host:port/db`` (or
-    ``rediss://``) -> Redis. Anything else raises :class:`SampleStoreError` (kind ``config``)."""
+def parse_store_url(url: str) -> tuple[str, str]:
+    """The one reading of a store URL: ``("sqlite", path)`` for ``sqlite:///abs/path.db`` or a plain
+    path, ``("redis", url)`` for ``redis://`` / ``rediss://``. Anything else raises
+    :class:`SampleStoreError` (kind ``config``); the serving configuration checks URLs with it too."""
     if not isinstance(url, str) or not url.strip():
         raise SampleStoreError(f"sample store URL must be a non-empty string, got {url!r}", kind="config")
     scheme, sep, rest = url.partition("://")
-    # Imported here: the backends import this module, and SQLite users need not import redis.
     if not sep:
-        from .store_sqlite import SqliteSampleStore
-
-        return SqliteSampleStore(url)
+        return "sqlite", url
     if scheme == "sqlite":
         if not rest.startswith("/"):
             raise SampleStoreError(f"SQLite URL {url!r} must name an absolute path: sqlite:///abs/path.db "
                                    "(or give the plain path)", kind="config")
-        from .store_sqlite import SqliteSampleStore
-
-        return SqliteSampleStore(rest)
+        return "sqlite", rest
     if scheme in ("redis", "rediss"):
-        from .store_redis import RedisSampleStore
-
-        return RedisSampleStore(url)
+        return "redis", url
     raise SampleStoreError(f"unsupported sample store URL {redact_url(url)!r}; expected sqlite:///abs/path.db, "
                            "a filesystem path, or redis://host:port/db", kind="config")
+
+
+def open_store(url: str, *, create: bool = True) -> SampleStore:
+    """Open the store ``url`` names (see :func:`parse_store_url`). With ``create=False`` a SQLite
+    file that does not exist is refused instead of created (an operator's typo must not make an
+    empty store)."""
+    backend, target = parse_store_url(url)
+    # Imported here: the backends import this module, and SQLite users need not import redis.
+    if backend == "sqlite":
+        from .store_sqlite import SqliteSampleStore
+
+        if not create and not Path(target).expanduser().is_file():
+            raise SampleStoreError(f"no sample store at {target}", kind="config")
+        return SqliteSampleStore(target)
+    from .store_redis import RedisSampleStore
+
+    return RedisSampleStore(target)
