@@ -54,7 +54,7 @@ class Registry:
         return sorted(out)
 
     def path(self, domain: str, version: int) -> Path:
-        return self.root / domain / f"v{version}"
+        return self.root / domain / AdapterRef(domain, version).version_dir
 
     def resolve(self, ref: str | AdapterRef) -> AdapterArtifact:
         """``DOMAIN[@vN]`` -> artifact; without a version, the newest one."""
@@ -112,7 +112,7 @@ class Registry:
         """The routed version, or the newest if the domain was never activated explicitly."""
         v = self.routing().get(domain)
         if v is not None:
-            return int(v.lstrip("v"))
+            return AdapterRef.of(domain, v).version  # InvalidAdapterRef (a ValueError) if malformed
         versions = self.versions(domain)
         return versions[-1] if versions else None
 

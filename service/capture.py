@@ -168,11 +168,12 @@ class RollingCaps:
 def stored_size(height: int, width: int, img_size: int) -> tuple[int, int]:
     """(h, w) of the stored image: the longest side brought down to ``img_size`` (the model's input
     frame, rounded as SAM's ``ResizeLongestSide``), aspect kept; smaller images are not enlarged."""
-    longest = max(height, width)
-    if longest <= img_size:
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    if max(height, width) <= img_size:
         return height, width
-    scale = img_size / longest
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    h, w = ResizeLongestSide.get_preprocess_shape(height, width, img_size)
+    return max(1, h), max(1, w)
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -187,3 +187,17 @@ def test_adapter_ref_is_the_one_spelling_of_domain_at_version() -> None:
         AdapterRef("polyp").version_dir
     with pytest.raises(AdapterError):  # one base for callers that catch adapter problems
         AdapterRef.of("polyp", "vx")
+
+
+def test_routing_is_read_through_adapter_ref(tmp_path: Path) -> None:
+    from wesam.adapters.errors import InvalidAdapterRef
+
+    reg = Registry(tmp_path)
+    assert reg.path("polyp", 3) == tmp_path / "polyp" / "v3"
+    for value, expected in (("v2", 2), ("2", 2)):
+        (tmp_path / "routing.json").write_text(json.dumps({"polyp": value}))
+        assert reg.active_version("polyp") == expected
+    for bad in ("v0", "vx", "latest"):  # malformed routing is refused, never read as a version
+        (tmp_path / "routing.json").write_text(json.dumps({"polyp": bad}))
+        with pytest.raises(InvalidAdapterRef):
+            reg.active_version("polyp")

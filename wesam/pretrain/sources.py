@@ -7,13 +7,12 @@ correlated) to select checkpoints; test splits are used only for the final repor
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..data import FolderDataset
+from ..data import DataError, FolderDataset
 from ..data.splits import carve_validation as carve_groups
 
 SOURCE_SETS = ("coco128_seg", "davis2016", "camvid")
@@ -55,20 +54,23 @@ def load_source(root: Path, name: str, part: str, min_area_frac: float = 0.001,
         raise ValueError(f"{name} is a target domain and must not be used to pretrain the source model")
     split = "test" if part == "test" else "train"
     # A few source masks are empty after instance extraction; they carry no training signal.
-    ignore = STUFF_CLASSES.get(name, ()) if things_only else ()
-    with warnings.catch_warnings():
-        if ignore:  # images holding only stuff are expected to drop out; not worth a warning each
-            warnings.simplefilter("ignore")
-        ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True,
-                           ignore_classes=ignore)
+    ds = FolderDataset(root / name, split=split, min_area_frac=min_area_frac, skip_bad=True)
     stems = list(ds.stems)
     if part != "test":
-        # Carve on the full set's stems so that dropping stuff never moves an image between
-        # the train and validation sides.
-        full = stems if not ignore else FolderDataset(
-            root / name, split=split, min_area_frac=min_area_frac, skip_bad=True).stems
-        train, val = carve_validation(name, list(full))
-        keep = set(train if part == "train" else val)
-        stems = [s for s in stems if s in keep]
-    index = {s: i for i, s in enumerate(ds.stems)}
-    return [SourceImage(smp.stem, smp.image, smp.instances) for smp in (ds[index[s]] for s in stems)]
+        # Carved on all usable stems, stuff or not, so that dropping stuff never moves an image
+        # between the train and validation sides.
+        train, val = carve_validation(name, stems)
+        stems = train if part == "train" else val
+    ignore = STUFF_CLASSES.get(name, ()) if things_only else ()
+    if ignore:  # the same files, read with the stuff classes as void
+        ds = FolderDataset(root / name, min_area_frac=min_area_frac, stems=stems, ignore_classes=ignore)
+    wanted, out = set(stems), []
+    for i, stem in enumerate(ds.stems):
+        if stem not in wanted:
+            continue
+        try:
+            smp = ds[i]
+        except DataError:  # only stuff in this image: nothing left to prompt
+            continue
+        out.append(SourceImage(smp.stem, smp.image, smp.instances))
+    return out

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from wesam.evaluation.evaluate import PromptSpec, evaluate, inbox_logit_health
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.transforms import SamTransform
-from wesam.sam.zoo import SAM_MINI, SamConfig, build_sam, save_safetensors
+from wesam.sam.zoo import SAM_MINI, SamConfig, build_sam, load_checkpoint, resolve_model, save_safetensors
 
 from .augment import compose_training_sample
 from .prompting import (
@@ -166,8 +166,6 @@ class Pretrainer:
         Same architecture: an exact copy. Another width of the prompt encoder and mask decoder
         (``--decoder-dim``): the image encoder's trunk is copied and the rest starts fresh.
         """
-        from wesam.sam.zoo import resolve_model
-
         loaded = resolve_model(ref)
         own = self.sam.state_dict()
         shared = {k: v for k, v in loaded.sam.state_dict().items() if k in own and own[k].shape == v.shape}
@@ -397,8 +395,6 @@ def reproduce_command(cfg: dict[str, Any]) -> str:
 
 def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = None) -> dict[str, Any]:
     """Write the best checkpoint of a run as fp16 safetensors + manifest into ``dest_dir``."""
-    from wesam.sam.zoo import load_checkpoint
-
     run_dir, dest_dir = Path(run_dir), Path(dest_dir)
     best = load_checkpoint(run_dir / "best.safetensors")
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
