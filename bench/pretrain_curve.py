@@ -51,7 +51,8 @@ def to_markdown(runs: list[tuple[str, list[dict[str, Any]], dict[str, Any]]], no
         lines += ["", f"### {label}", ""]
         if recipe:
             keys = ("init_from", "threads", "lr", "max_prompts", "tight_box_frac", "box_jitter_std",
-                    "box_jitter_max_px", "inbox_weight", "things_only", "time_budget_min")
+                    "box_jitter_max_px", "inbox_weight", "things_only", "synth_prob", "region_prob",
+                    "time_budget_min")
             shown = {k: recipe[k] for k in keys if k in recipe}
             width = (recipe.get("model_config") or {}).get("prompt_embed_dim")
             if width:

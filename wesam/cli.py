@@ -264,6 +264,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, tight_box_frac=args.tight_box_frac,
                          box_jitter_std=args.box_jitter_std, box_jitter_max_px=args.box_jitter_max_px,
                          inbox_weight=args.inbox_weight, things_only=args.things_only, init_from=args.init_from,
+                         synth_prob=args.synthetic_prob, region_prob=args.region_prob,
                          model_config=sam_mini_config(args.decoder_dim))
     if args.synthetic_only:
         cfg.data_root = None
@@ -472,6 +473,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--box-jitter-max-px", type=float, default=5.0, help="box noise cap in input-frame pixels")
     t.add_argument("--inbox-weight", type=float, default=0.0,
                    help="weight of the balanced object/background loss inside box prompts (0 disables)")
+    t.add_argument("--synthetic-prob", type=float, default=0.35,
+                   help="share of procedural scenes in a batch (pretrain/synthetic.py)")
+    t.add_argument("--region-prob", type=float, default=0.0,
+                   help="share of region scenes: random smooth shapes of natural texture laid on natural "
+                        "images (pretrain/regions.py); the rest of a batch is natural images")
     t.add_argument("--with-stuff", dest="things_only", action="store_false",
                    help="keep semantic stuff classes (road, sky, ...) as training instances")
     t.add_argument("--decoder-dim", type=int, default=256,

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,6 +41,7 @@ from .prompting import (
     initial_prompts,
     mask_losses,
 )
+from .regions import region_scene
 from .sources import SOURCE_SETS, SourceImage, load_source
 from .synthetic import SyntheticScenes, synthetic_validation_set
 
@@ -58,6 +61,9 @@ class PretrainConfig:
     warmup_steps: int = 250
     grad_clip: float = 1.0
     synth_prob: float = 0.35
+    # Share of region scenes (natural textures in random smooth shapes, pretrain/regions.py),
+    # drawn from what synth_prob leaves; the rest are natural images.
+    region_prob: float = 0.0
     source_weights: dict[str, float] = field(
         default_factory=lambda: {"coco128_seg": 0.45, "davis2016": 0.2, "camvid": 0.35})
     paste_prob: float = 0.5
@@ -111,6 +117,7 @@ class DataMixture:
         self.names = names
         self.weights = w / w.sum() if w.sum() > 0 else w
         self.paste_pool = [s for n in names for s in self.sources[n]]
+        self.region_pool = [s.image for s in self.paste_pool]
 
     def _paste_source(self, rng: np.random.Generator) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
         def draw() -> tuple[np.ndarray, np.ndarray]:
@@ -121,9 +128,13 @@ class DataMixture:
     def sample(self, step: int, j: int) -> tuple[np.ndarray, np.ndarray, str]:
         rng = np.random.default_rng([self.cfg.seed, step, j])
         size = self.cfg.model_config.img_size
-        if not self.names or rng.random() < self.cfg.synth_prob:
+        u = rng.random()
+        if not self.names or u < self.cfg.synth_prob:
             image, masks = self.synth.sample(step * self.cfg.batch_size + j)
             source = "synthetic"
+        elif u < self.cfg.synth_prob + self.cfg.region_prob:
+            image, masks = region_scene(rng, self.region_pool, size)
+            source = "regions"
         else:
             source = self.names[int(rng.choice(len(self.names), p=self.weights))]
             pool = self.sources[source]
@@ -132,6 +143,18 @@ class DataMixture:
         paste = self._paste_source(rng) if self.paste_pool and rng.random() < self.cfg.paste_prob else None
         image, masks = compose_training_sample(image, masks, rng, out_size=size, paste_source=paste)
         return image, masks, source
+
+
+def _sigterm_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread; returns the previous handler
+    (None when not on the main thread, where signal handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, interrupt)
 
 
 def _machine() -> str:
@@ -306,9 +329,16 @@ class Pretrainer:
             self._validate_and_keep(None)
         total = cfg.steps or None
         bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True, mininterval=5)
-        last_ckpt = last_eval = time.monotonic()
+        last_ckpt = time.monotonic()
+        # Validations sit on a grid of training minutes (10, 20, ...), also across resumes, so
+        # that learning curves of runs compare at equal training time.
+        last_minutes = self.history[-1]["minutes"] if self.history else 0.0
+        next_eval_min = (math.floor(last_minutes / cfg.eval_every_min + 1e-9) + 1) * cfg.eval_every_min
         t0 = time.monotonic() - self.elapsed
         ema = None
+        # `kill` (SIGTERM, also what Kubernetes sends) stops like Ctrl-C: checkpoint, then exit.
+        # SIGINT alone would not do: shells start background jobs (`nohup ... &`) with it ignored.
+        previous = _sigterm_as_interrupt()
         try:
             while not cfg.done(self.step, self.elapsed):
                 stats = self.train_step()
@@ -319,14 +349,16 @@ class Pretrainer:
                                 img_s=f"{self.step * cfg.batch_size / max(self.elapsed, 1e-6):.1f}",
                                 min=f"{self.elapsed / 60:.1f}")
                 now = time.monotonic()
-                if now - last_eval > 60 * cfg.eval_every_min:
+                if self.elapsed >= 60 * next_eval_min:
                     self._validate_and_keep(ema)
-                    last_eval = time.monotonic()
-                    t0 += last_eval - now  # validation time is not training time
+                    next_eval_min += cfg.eval_every_min
+                    t0 += time.monotonic() - now  # validation time is not training time
                 if now - last_ckpt > 60 * cfg.ckpt_every_min:
                     self.save_checkpoint()
                     last_ckpt = time.monotonic()
         finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
             bar.close()
             self.save_checkpoint()
         final = self._validate_and_keep(ema)
@@ -360,6 +392,7 @@ RECIPE_FLAGS = {
     "batch_size": "--batch-size", "max_prompts": "--max-prompts", "warmup_steps": "--warmup-steps",
     "tight_box_frac": "--tight-box-frac", "box_jitter_std": "--box-jitter-std",
     "box_jitter_max_px": "--box-jitter-max-px", "inbox_weight": "--inbox-weight", "init_from": "--init-from",
+    "synth_prob": "--synthetic-prob", "region_prob": "--region-prob",
 }
 
 
