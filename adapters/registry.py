@@ -69,6 +69,18 @@ class Registry:
                                + ", ".join(f"v{v}" for v in versions))
         return read_artifact(self.path(ref.domain, ref.version))
 
+    def lineage(self, domain: str, version: int) -> dict | None:
+        """The ``"lineage"`` entry of ``domain@v<version>``'s adapter.json, written by the online
+        worker (``parent``, ``pinned``, ``samples``, ``gate``, ``round``, ``worker``); None for a
+        version made otherwise (``wesam adapt``), which is a root of the lineage."""
+        art = self.resolve(AdapterRef(domain, version))
+        lineage = art.meta.get("lineage")
+        if lineage is None:
+            return None
+        if not isinstance(lineage, dict):
+            raise AdapterError(f"{art.path / META_FILE}: 'lineage' must be an object, got {type(lineage).__name__}")
+        return lineage
+
     # -- publishing
     @contextmanager
     def staging(self, domain: str) -> Iterator[Path]:

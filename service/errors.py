@@ -50,6 +50,10 @@ HTTP_STATUS: dict[str, int] = {
     "error": 500,  # WesamError without a more specific kind
     "interrupted": 503,  # shutting down: retry elsewhere
     "sample_store": 503,  # the captured-sample store is unreachable or failing
+    "lease_held": 409,  # another online worker holds the domain (adapters/online/lease.py)
+    "lease_lost": 409,  # the worker's domain lease file was removed or replaced
+    "worker": 500,  # the online worker cannot run a round (adapters/online/worker.py)
+    "non_finite_loss": 500,  # training diverged (adapters/adapt/trainer.py)
 }
 DEFAULT_STATUS = 500
 

@@ -117,6 +117,10 @@ GRPC_CODES: dict[str, str] = {
     "error": "INTERNAL",
     "interrupted": "UNAVAILABLE",
     "sample_store": "UNAVAILABLE",
+    "lease_held": "FAILED_PRECONDITION",
+    "lease_lost": "FAILED_PRECONDITION",
+    "worker": "INTERNAL",
+    "non_finite_loss": "INTERNAL",
 }
 
 

@@ -11,6 +11,7 @@ unless ``$CI`` is set: CI installs them, so there a missing tool is a failure.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import importlib.util
@@ -36,7 +37,7 @@ MONITORING = K8S / "monitoring"
 # Kustomizations that must exist (more may be added; all of them are rendered and validated).
 EXPECTED_KUSTOMIZATIONS = {
     "base", "overlays/cpu", "overlays/gpu", "overlays/triton", "monitoring",
-    "adaptation/job", "adaptation/polyp", "adaptation/datasets",
+    "adaptation/job", "adaptation/polyp", "adaptation/datasets", "worker/deployment", "worker/polyp",
 }
 SERVING_OVERLAYS = ("overlays/cpu", "overlays/gpu")
 # The oldest and newest Kubernetes versions whose schemas kubernetes-validate bundles.
@@ -253,16 +254,19 @@ def test_validators_reject_mistakes() -> None:
         validate(rule)
 
 
-def test_no_secret_values_and_no_online_worker() -> None:
-    """The manifests reference the admin-token Secret but never contain one; the only Deployments
-    are the server and the optional Triton (there is no online-adaptation worker)."""
+def test_no_secret_values_and_the_expected_deployments() -> None:
+    """The manifests reference Secrets (admin token, capture store) but never contain one; the
+    Deployments are the server, the optional Triton and the online workers (template and polyp), and
+    nothing autoscales a worker."""
     deployments = set()
     for rel in kustomizations():
         for doc in render(rel):
             assert doc["kind"] != "Secret", f"k8s/{rel} contains a Secret"
             if doc["kind"] == "Deployment":
                 deployments.add(doc["metadata"]["name"])
-    assert deployments == {"wesam", "wesam-triton"}
+            if doc["kind"] == "HorizontalPodAutoscaler":
+                assert not doc["spec"]["scaleTargetRef"]["name"].startswith("wesam-worker"), rel
+    assert deployments == {"wesam", "wesam-triton", "wesam-worker", "wesam-worker-polyp"}
 
 
 # -- the serving Deployment -----------------------------------------------------------------------
@@ -433,6 +437,107 @@ def test_adaptation_gpu_patch_applies(tmp_path: Path) -> None:
     assert c["volumeMounts"] == unpatched["volumeMounts"]
 
 
+# -- online worker ---------------------------------------------------------------------------------
+
+WORKER = ("Deployment", "wesam-worker-polyp", "worker")
+
+
+def _expand(args: list[str], env: dict[str, str]) -> list[str]:
+    """``$(VAR)`` replaced as Kubernetes does from the container's environment."""
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def test_online_worker_is_one_pod_per_domain_on_the_servers_registry_and_store() -> None:
+    serving = render("overlays/cpu")
+    docs = render("worker/polyp")
+    deployment = find(docs, "Deployment", "wesam-worker-polyp")
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # never two at once
+    pod = spec["template"]["spec"]
+    c = container(docs, *WORKER)
+    server = container(serving, "Deployment", "wesam", "wesam")
+    assert c["image"] == server["image"] != "wesam:latest"  # same code and embedded model as the servers
+
+    params = find(docs, "ConfigMap", "wesam-worker-params-polyp")
+    assert c["envFrom"] == [{"configMapRef": {"name": params["metadata"]["name"]}}]
+    assert params["data"]["WESAM_WORKER_DOMAIN"] == "polyp"
+    assert params["data"]["WESAM_WORKER_MODEL"] == config_data(serving, "wesam-config")[PREFIX + "MODEL"]
+    assert c["command"] == ["python", "-m", "wesam.cli"] and c["args"][0] == "worker"
+    referenced = set(re.findall(r"\$\((\w+)\)", " ".join(c["args"])))
+    assert referenced <= set(params["data"]), f"undefined: {referenced - set(params['data'])}"
+    flags = dict(a.split("=", 1) for a in _expand(c["args"][1:], params["data"]))
+    assert flags["--domain"] == "polyp" and flags["--registry"] == "/registry"
+
+    # The capture store: the Secret the servers read (required here, optional for the servers).
+    store = next(e for e in c["env"] if e["name"] == PREFIX + "CAPTURE_STORE")["valueFrom"]["secretKeyRef"]
+    served = next(e for e in server["env"] if e["name"] == PREFIX + "CAPTURE_STORE")["valueFrom"]["secretKeyRef"]
+    assert (store["name"], store["key"]) == (served["name"], served["key"]) == ("wesam-capture-store", "url")
+    assert served.get("optional") is True and not store.get("optional")
+    assert not any(PREFIX + "CAPTURE_STORE" in a for a in c["args"]), "a URL with a password in argv"
+
+    # The registry volume of the servers, writable (the worker publishes and takes its lease there).
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    registry = mounts[flags["--registry"]]
+    assert not registry.get("readOnly")
+    server_spec = find(serving, "Deployment", "wesam")["spec"]["template"]["spec"]
+    server_claim = next(v for v in server_spec["volumes"] if v["name"] == "registry")["persistentVolumeClaim"]
+    assert volumes[registry["name"]]["persistentVolumeClaim"] == server_claim
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+
+    # Metrics on 9465, the port the probes use and the Service exposes.
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"metrics": 9465} and flags["--metrics-port"] == "9465"
+    for probe in ("startupProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+    assert "readinessProbe" not in c  # nothing sends the worker traffic
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["requests"]["memory"]
+    service = find(docs, "Service", "wesam-worker-polyp")
+    pod_labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert [(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [("metrics", 9465, "metrics")]
+    # ...and that the server's Service does not select (the worker serves no requests).
+    assert not find(serving, "Service", "wesam")["spec"]["selector"].items() <= pod_labels.items()
+
+
+def test_worker_command_line_parses() -> None:
+    """With the variables expanded, `wesam worker` accepts the Deployment's command line."""
+    from wesam.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if "worker" not in commands:
+        pytest.skip("`wesam worker` is not in this checkout yet (adapters/online/worker.py)")
+    docs = render("worker/polyp")
+    c = container(docs, *WORKER)
+    env = dict(find(docs, "ConfigMap", "wesam-worker-params-polyp")["data"])
+    args = parser.parse_args(_expand(c["args"], env))
+    assert (args.domain, args.registry) == ("polyp", "/registry")
+
+
+def test_worker_overlays_of_two_domains_do_not_share_pods(tmp_path: Path) -> None:
+    """A copy of k8s/worker/polyp for another domain, made as documented, selects only its own pods."""
+    shutil.copytree(K8S / "worker", tmp_path / "worker")
+    text = (K8S / "worker" / "polyp" / "kustomization.yaml").read_text()
+    skin = tmp_path / "worker" / "skin"
+    skin.mkdir()
+    (skin / "kustomization.yaml").write_text(text.replace("polyp", "skin"))
+    rendered = {}
+    for domain in ("polyp", "skin"):
+        proc = subprocess.run([kubectl(), "kustomize", str(tmp_path / "worker" / domain)], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        rendered[domain] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    polyp = find(rendered["polyp"], "Deployment", "wesam-worker-polyp")
+    skin_deployment = find(rendered["skin"], "Deployment", "wesam-worker-skin")
+    assert find(rendered["skin"], "ConfigMap", "wesam-worker-params-skin")["data"]["WESAM_WORKER_DOMAIN"] == "skin"
+    skin_pods = skin_deployment["spec"]["template"]["metadata"]["labels"]
+    assert not polyp["spec"]["selector"]["matchLabels"].items() <= skin_pods.items()
+    polyp_service = find(rendered["polyp"], "Service", "wesam-worker-polyp")
+    assert not polyp_service["spec"]["selector"].items() <= skin_pods.items()
+
+
 def test_triton_overlay_serves_the_exported_repository() -> None:
     docs = render("overlays/triton")
     assert {d["kind"] for d in docs} == {"Deployment", "Service", "PersistentVolumeClaim"}
@@ -464,6 +569,19 @@ def test_servicemonitor_selects_the_service() -> None:
         assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
     # The rules select job="wesam": without jobLabel the operator sets job to the Service name.
     assert "jobLabel" not in monitor["spec"] and service["metadata"]["name"] == "wesam"
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= \
+        find(render("worker/polyp"), "Service", "wesam-worker-polyp")["metadata"]["labels"].items()
+
+
+def test_worker_servicemonitor_selects_the_worker_services() -> None:
+    monitor = find(render("monitoring"), "ServiceMonitor", "wesam-worker")
+    service = find(render("worker/polyp"), "Service", "wesam-worker-polyp")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [(e["port"], e["path"]) for e in monitor["spec"]["endpoints"]] == [("metrics", "/metrics")]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"metrics"}
+    # The server's Service is not a worker target.
+    server = find(render("overlays/cpu"), "Service", "wesam")
+    assert not monitor["spec"]["selector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
 
 
 def _load_generator() -> Any:
@@ -483,7 +601,8 @@ def test_prometheusrule_is_generated_from_rules_file() -> None:
     assert rendered["spec"]["groups"] == rules["groups"]
     alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
     assert {"WesamHighErrorRate", "WesamHighLatencyP95", "WesamReplicasUnavailable", "WesamAdapterLoadFailed",
-            "WesamCacheHitRateCollapse"} <= alerts
+            "WesamCacheHitRateCollapse", "WesamCaptureLosingSamples", "WesamWorkerDown", "WesamWorkerNoLease",
+            "WesamWorkerGateRejecting", "WesamWorkerRoundsAborted", "WesamWorkerNotPublishing"} <= alerts
 
 
 def test_generator_notices_drift(tmp_path: Path) -> None:
@@ -504,14 +623,34 @@ def test_promtool_checks_and_unit_tests_pass() -> None:
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-def test_promtool_unit_tests_can_fail(tmp_path: Path) -> None:
+@pytest.mark.parametrize("old, new, alert", [
+    ("> 2.5", "> 10", "WesamHighLatencyP95"),
+    ("(wesam_worker_consecutive_rejections) >= 3", "(wesam_worker_consecutive_rejections) >= 4",
+     "WesamWorkerGateRejecting"),
+    ("(max_over_time(wesam_worker_lease_held[1h])) == 1", "(max_over_time(wesam_worker_lease_held[1h])) == 2",
+     "WesamWorkerNoLease"),
+])
+def test_promtool_unit_tests_can_fail(tmp_path: Path, old: str, new: str, alert: str) -> None:
     """A wrong threshold makes the unit tests fail: they test the rules, not just their syntax."""
     tool = promtool()
-    (tmp_path / "rules.yaml").write_text((MONITORING / "rules.yaml").read_text().replace("> 2.5", "> 10", 1))
+    rules = (MONITORING / "rules.yaml").read_text()
+    assert rules.count(old) == 1, old
+    (tmp_path / "rules.yaml").write_text(rules.replace(old, new))
     (tmp_path / "rules_test.yaml").write_text((MONITORING / "rules_test.yaml").read_text())
     unit = subprocess.run([tool, "test", "rules", "rules_test.yaml"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
-    assert unit.returncode != 0 and "WesamHighLatencyP95" in unit.stdout + unit.stderr
+    assert unit.returncode != 0 and alert in unit.stdout + unit.stderr
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_quiet() -> None:
+    rules = yaml.safe_load((MONITORING / "rules.yaml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    cases = [c for t in yaml.safe_load((MONITORING / "rules_test.yaml").read_text())["tests"]
+             for c in t.get("alert_rule_test", [])]
+    fired = {c["alertname"] for c in cases if c["exp_alerts"]}
+    quiet = {c["alertname"] for c in cases if not c["exp_alerts"]}
+    assert alerts - fired == set(), "alerts never shown to fire"
+    assert alerts - quiet == set(), "alerts never shown to stay quiet"
 
 
 def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
@@ -538,7 +677,8 @@ def test_dashboard_configmap_for_the_grafana_sidecar() -> None:
         refs = [t["refId"] for t in p["targets"]]
         assert len(refs) == len(set(refs)) and all(t["expr"].strip() for t in p["targets"]), p["title"]
     titles = " ".join(p["title"].lower() for p in panels)
-    for topic in ("by domain", "latency", "encoder", "decoder", "cache", "batch", "adapter"):
+    for topic in ("by domain", "latency", "encoder", "decoder", "cache", "batch", "adapter", "capture", "worker",
+                  "lease", "gate"):
         assert topic in titles, topic
 
 
@@ -548,9 +688,11 @@ def test_deployment_doc_points_at_existing_files() -> None:
     doc = (REPO / "docs" / "deployment.md").read_text()
     paths = set(re.findall(r"\bk8s/[\w./-]*\w", doc))
     assert {"k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/triton", "k8s/monitoring",
-            "k8s/adaptation/polyp"} <= paths
+            "k8s/adaptation/polyp", "k8s/worker/polyp"} <= paths
     missing = sorted(p for p in paths if not (REPO / p).exists())
     assert not missing, f"docs/deployment.md names missing paths: {missing}"
     for needle in ("bentoml build", "bentoml containerize", "kubectl create secret generic wesam-admin-token",
-                   "wesam adapters activate", "/adapters/polyp/activate"):
+                   "wesam adapters activate", "/adapters/polyp/activate",
+                   "kubectl create secret generic wesam-capture-store", "adapters --registry /registry rollback polyp",
+                   "strategy: Recreate"):
         assert needle in doc, needle

@@ -3,7 +3,12 @@ adapter) scraped by a real Prometheus server (Debian's ``prometheus`` binary, lo
 loads ``k8s/monitoring/rules.yaml``. After traffic that covers a domain request, a cached follow-up
 and errors, every metric selector named in the Grafana dashboard and in the rules returns data
 through Prometheus's query API, every dashboard query returns a finite value, every rule evaluates
-without error, and the adapter-refusal alert fires.
+without error, and the adapter-refusal alert fires. The server captures its polyp requests into a
+store it cannot open, so the capture metrics have data too, failures included.
+
+The online worker's metrics (``wesam_worker_*``) come from another process (``wesam worker``, not
+started here): they are checked against the worker's code instead (the names it defines), and
+their alerts by the promtool unit tests (tests/test_k8s.py).
 
 The selectors are parsed out of ``k8s/monitoring/dashboard.json`` and ``rules.yaml``, so a metric
 added to either is checked without touching this file. Without the ``prometheus`` binary the
@@ -44,6 +49,13 @@ NAMESPACE = "wesam"
 # Series from kube-state-metrics (readiness alerts): a cluster component this test cannot run.
 # Listed explicitly, so that any other metric the rules use must have data here.
 KUBE_STATE_METRICS = {"kube_deployment_status_replicas_available", "kube_deployment_spec_replicas"}
+# The online worker's metric families (adapters/online/worker.py, docs/online.md), exported by
+# `wesam worker` on its own port. Listed explicitly: any other metric must have data here.
+WORKER_METRICS = {"wesam_worker_rounds_total", "wesam_worker_samples_total", "wesam_worker_round_seconds",
+                  "wesam_worker_gate_golden_delta", "wesam_worker_consecutive_rejections", "wesam_worker_drift",
+                  "wesam_worker_loss", "wesam_worker_last_publish_timestamp_seconds", "wesam_worker_lease_held",
+                  "wesam_worker_active_version"}
+WORKER_CODE = REPO / "adapters" / "online"
 # Grafana variables as the dashboard would set them for this server.
 GRAFANA_VARIABLES = {"namespace": NAMESPACE, "domain": ".*"}
 RATE_INTERVAL = "1m"
@@ -127,6 +139,20 @@ def named_selectors() -> dict[str, str]:
     return out
 
 
+def worker_family(name: str) -> str | None:
+    """The worker metric family a series name belongs to (a histogram's ``_bucket``/``_sum``/
+    ``_count`` included), or None for any other metric."""
+    for family in WORKER_METRICS:
+        if name == family or (family.endswith("_seconds") and name in (f"{family}_bucket", f"{family}_sum",
+                                                                       f"{family}_count")):
+            return family
+    return None
+
+
+def is_worker_expr(expr: str) -> bool:
+    return any(name.startswith("wesam_worker_") for name, _ in promql_selectors(grafana_query(expr)))
+
+
 def test_selector_extraction() -> None:
     expr = ('sum by (namespace, domain) (rate(wesam_requests_total{status=~"5..", x="}{"}[5m]))\n'
             '/ ignoring(le) group_left sum without (pod) (rate(wesam_requests_total[5m] offset 1h)) > 0.05\n'
@@ -153,6 +179,37 @@ def test_dashboard_and_rules_cover_the_wesam_metrics() -> None:
     assert {"wesam_requests_total", "wesam_request_latency_seconds_bucket", "up",
             "wesam_adapter_load_failures_total", "wesam_cache_hits_total", "wesam_cache_misses_total"} <= rules
     assert KUBE_STATE_METRICS <= rules, "unused entries in KUBE_STATE_METRICS"
+    # Online capture (the servers) and the online worker.
+    assert {"wesam_capture_total", "wesam_capture_queue_depth", "wesam_worker_rounds_total",
+            "wesam_worker_samples_total", "wesam_worker_round_seconds_bucket", "wesam_worker_gate_golden_delta",
+            "wesam_worker_consecutive_rejections", "wesam_worker_drift", "wesam_worker_loss",
+            "wesam_worker_last_publish_timestamp_seconds", "wesam_worker_lease_held",
+            "wesam_worker_active_version"} <= dashboard
+    assert {"wesam_capture_total", "wesam_worker_lease_held", "wesam_worker_consecutive_rejections",
+            "wesam_worker_rounds_total", "wesam_worker_last_publish_timestamp_seconds",
+            "wesam_worker_samples_total"} <= rules
+
+
+def test_worker_selectors_name_only_worker_metrics() -> None:
+    """Every wesam_worker_* name in the dashboard and the rules is one of WORKER_METRICS (a typo
+    would otherwise go unnoticed: the live test below does not run a worker)."""
+    names = {promql_selectors(s)[0][0] for s in named_selectors()}
+    worker = {n for n in names if n.startswith("wesam_worker_")}
+    assert worker, "no worker metric in the dashboard or the rules"
+    assert {n for n in worker if worker_family(n) is None} == set()
+    assert {worker_family(n) for n in worker} == WORKER_METRICS, "WORKER_METRICS lists unused metrics"
+
+
+def test_worker_defines_the_metrics_the_dashboard_and_rules_use() -> None:
+    """The worker's code registers every family of WORKER_METRICS (by name, as prometheus_client
+    takes it: counters with or without their ``_total``)."""
+    worker = WORKER_CODE / "worker.py"
+    if not worker.is_file():
+        pytest.skip(f"{worker.relative_to(REPO)} is not in this checkout yet")
+    code = "\n".join(f.read_text() for f in sorted(WORKER_CODE.glob("*.py")))
+    literals = set(re.findall(r"""["'](wesam_worker_\w+)["']""", code))
+    missing = {m for m in WORKER_METRICS if m not in literals and m.removesuffix("_total") not in literals}
+    assert not missing, f"metrics the dashboard/rules use but the worker does not define: {sorted(missing)}"
 
 
 # -- the running stack -----------------------------------------------------------------------------
@@ -249,8 +306,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     publish_adapter(base, registry, "polyp", seed=1)  # polyp v1: served
     publish_adapter(base, registry, "skin", seed=2)  # skin v1: refused at startup (tampered)
     corrupt_weights(registry, "skin", 1)
+    # Capture polyp into a store that cannot be opened (its folder would be a regular file): the
+    # capture metrics get data, the `error` outcome included, and serving goes on regardless.
+    (root / "not-a-folder").write_text("")
     config = ServeConfig(model=str(base), registry=str(registry), threads=1, workers=1, grpc_port=free_port(),
-                         poll_seconds=1, cache_mb=64)
+                         poll_seconds=1, cache_mb=64, capture_store=str(root / "not-a-folder" / "samples.db"),
+                         capture_domains=("polyp",))
     server = ServerProcess(config, bentoml_home=root / "bentoml", extra_env={"OMP_NUM_THREADS": "1"})
     prometheus = Prometheus(binary, root, f"127.0.0.1:{server.port}")
     try:
@@ -314,11 +375,20 @@ def test_every_dashboard_and_rule_metric_has_data(stack: Stack) -> None:
     assert {s["metric"]["kind"] for s in prom.query("wesam_errors_total")} >= {"invalid_image", "adapter_unavailable"}
     assert sum(_finite(prom.query("wesam_cache_hits_total"))) >= 4
 
-    # Every selector named in the dashboard and the rules has data (kube-state-metrics aside).
+    # Capture ran: the polyp requests that carried their image failed to reach the store.
+    def capture_counted() -> None:
+        outcomes = {s["metric"]["outcome"] for s in prom.query('wesam_capture_total{domain="polyp"}')}
+        assert {"error", "unsupported"} <= outcomes, outcomes
+
+    wait_for(capture_counted, 60, "capture outcomes not scraped")
+
+    # Every selector named in the dashboard and the rules has data (kube-state-metrics and the
+    # worker's metrics aside).
     selectors = named_selectors()
     assert len(selectors) >= 20, selectors
-    external = {s for s in selectors if promql_selectors(s)[0][0] in KUBE_STATE_METRICS}
-    assert {promql_selectors(s)[0][0] for s in external} == KUBE_STATE_METRICS
+    kube = {s for s in selectors if promql_selectors(s)[0][0] in KUBE_STATE_METRICS}
+    assert {promql_selectors(s)[0][0] for s in kube} == KUBE_STATE_METRICS
+    external = kube | {s for s in selectors if worker_family(promql_selectors(s)[0][0])}
 
     def all_selectors_have_data() -> None:
         empty = [f"{s} ({where})" for s, where in selectors.items() if s not in external and not prom.query(s)]
@@ -328,7 +398,8 @@ def test_every_dashboard_and_rule_metric_has_data(stack: Stack) -> None:
 
     # Every dashboard query, as Grafana sends it, has a finite value.
     def dashboard_has_values() -> None:
-        empty = [where for where, expr in dashboard_queries() if not _finite(prom.query(grafana_query(expr)))]
+        empty = [where for where, expr in dashboard_queries()
+                 if not is_worker_expr(expr) and not _finite(prom.query(grafana_query(expr)))]
         assert not empty, "no finite value for " + ", ".join(empty)
 
     wait_for(dashboard_has_values, 60, "dashboard queries without values")

@@ -16,8 +16,11 @@ from .version import __version__
 DEFAULT_DATA_ROOT = "../shared/data"
 
 # The one place where wesam's errors become exit codes: 2 for anything the user can fix (bad
-# input, missing file, wrong model, refused adapter), 130 for a job stopped with Ctrl-C.
-EXIT_CODES: dict[str, int] = {"interrupted": 130}
+# input, missing file, wrong model, refused adapter), 130 for a job stopped with Ctrl-C, 75
+# (EX_TEMPFAIL, "try again later") for an online worker whose domain lease is held by another
+# worker or was lost: a supervisor that restarts it gets the lease once the other one is gone.
+EXIT_CODES: dict[str, int] = {"interrupted": 130, "lease_held": 75, "lease_lost": 75,
+                              "worker": 2, "non_finite_loss": 2}
 EXIT_USER_ERROR = 2
 
 
@@ -159,22 +162,30 @@ def _attach(model: Any, ref: str, registry: str | None) -> str:
 
 def cmd_adapters(args: argparse.Namespace) -> int:
     from wesam.adapters.artifact import verify_artifact
+    from wesam.adapters.online.control import read_control
     from wesam.adapters.ref import AdapterRef
     from wesam.adapters.registry import Registry
     from wesam.sam.zoo import resolve_model
 
     reg = Registry(args.registry)
+    if args.adapters_cmd in ADAPTER_CONTROL_CMDS:
+        return _adapters_control(args, reg)
     if args.adapters_cmd == "list":
         rows = []
         for domain in reg.domains():
             active = reg.active_version(domain)
+            control = read_control(reg, domain)  # the online worker's pin and freeze (docs/online.md)
             for v in reg.versions(domain):
                 ref = AdapterRef(domain, v)
                 meta = reg.resolve(ref).meta
+                lineage = meta.get("lineage") if isinstance(meta.get("lineage"), dict) else {}
                 rows.append({"adapter": str(ref), "active": v == active,
                              "base_model": meta["base_model"].get("name"), "method": meta.get("method"),
                              "prompt": meta.get("prompt"), "created": meta.get("created"),
-                             "miou_after": (meta.get("metrics") or {}).get("after", {}).get("miou")})
+                             # the worker writes "after": null when it had no golden set to measure on
+                             "miou_after": ((meta.get("metrics") or {}).get("after") or {}).get("miou"),
+                             "pinned": control.pinned == v, "frozen": control.frozen,
+                             "parent": lineage.get("parent")})
         if args.json:
             _print_json(rows)
         elif not rows:
@@ -182,8 +193,9 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         else:
             for r in rows:
                 miou = f"{r['miou_after']:.4f}" if isinstance(r["miou_after"], float) else "-"
+                flags = "".join(f" [{k}]" for k in ("pinned", "frozen") if r[k])
                 print(f"{'*' if r['active'] else ' '} {r['adapter']:<24} base={r['base_model']:<10} "
-                      f"method={r['method']} prompt={r['prompt']} mIoU={miou} {r['created']}")
+                      f"method={r['method']} prompt={r['prompt']} mIoU={miou} {r['created']}{flags}")
         return 0
     if args.adapters_cmd == "show":
         _print_json(_open_artifact(args.ref, args.registry).meta)
@@ -201,7 +213,70 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         reg.activate(ref.domain, ref.version)
         print(f"{ref.domain} -> {ref.version_dir}")
         return 0
-    raise SystemExit("usage: wesam adapters list|show|verify|activate")
+    raise SystemExit("usage: wesam adapters list|show|verify|activate|pin|unpin|freeze|unfreeze|rollback|lineage")
+
+
+# The online worker's operator controls (wesam.adapters.online.control, docs/online.md).
+ADAPTER_CONTROL_CMDS = ("pin", "unpin", "freeze", "unfreeze", "rollback", "lineage")
+
+
+def _adapters_control(args: argparse.Namespace, reg: Any) -> int:
+    """``wesam adapters pin|unpin|freeze|unfreeze|rollback|lineage``."""
+    from wesam.adapters.online import control
+    from wesam.adapters.ref import AdapterRef
+
+    ref = AdapterRef.parse(args.domain)
+    domain = ref.domain
+    if args.adapters_cmd == "lineage":
+        state = control.read_control(reg, domain)
+        active = reg.active_version(domain)
+        chain = control.lineage_chain(reg, domain, ref.version)
+        out = {"domain": domain, "active": active, "pinned": state.pinned, "frozen": state.frozen,
+               "reason": state.reason, "chain": chain}
+        if args.json:
+            _print_json(out)
+            return 0
+        status = [f"active v{active}", f"pinned v{state.pinned}" if state.pinned else "not pinned",
+                  f"frozen ({state.reason})" if state.frozen and state.reason else
+                  "frozen" if state.frozen else "not frozen"]
+        print(f"{domain}: " + ", ".join(status))
+        for row in chain:
+            if row.get("missing"):
+                print(f"  v{row['version']:<4} (no longer in the registry)")
+                continue
+            gate = {True: "pass", False: "FAIL", None: "-"}.get(row["gate"], str(row["gate"]))
+            origin = (f"parent={row['parent'] or '-'} samples={row['samples'] if row['samples'] is not None else '-'} "
+                      f"gate={gate} round={row['round'] if row['round'] is not None else '-'}"
+                      if row["parent"] is not None or row["samples"] is not None or row["gate"] is not None
+                      else "root (no lineage)")
+            print(f"{'*' if row['version'] == active else ' '} v{row['version']:<4} {row['created'] or '-':<26} "
+                  f"method={row['method'] or '-':<8} {origin}")
+        return 0
+    if ref.version is not None:
+        raise WesamError(f"give the domain without a version ({domain!r}), not {args.domain!r}",
+                         kind="invalid_argument")
+    if args.adapters_cmd == "pin":
+        pinned = AdapterRef.of(domain, args.version)
+        state = control.pin(reg, domain, pinned.version)
+        print(f"{domain}: the worker anchors to and resets to {pinned.version_dir}")
+    elif args.adapters_cmd == "unpin":
+        state = control.unpin(reg, domain)
+        print(f"{domain}: not pinned (the worker anchors to the version active when it starts)")
+    elif args.adapters_cmd == "freeze":
+        state = control.freeze(reg, domain, args.reason)
+        print(f"{domain}: frozen" + (f" ({state.reason})" if state.reason else "")
+              + "; the worker skips its rounds and publishes nothing")
+    elif args.adapters_cmd == "unfreeze":
+        state = control.unfreeze(reg, domain)
+        print(f"{domain}: unfrozen; the worker resumes its rounds")
+    else:  # rollback
+        before = reg.active_version(domain)
+        version = control.rollback(reg, domain, freeze=not args.no_freeze, reason=args.reason)
+        state = control.read_control(reg, domain)
+        print(f"{domain}: v{before} -> v{version}"
+              + ("; frozen (wesam adapters unfreeze " + domain + " to let the worker publish again)"
+                 if state.frozen else ""))
+    return 0
 
 
 # -- adapt ------------------------------------------------------------------------------------------
@@ -336,7 +411,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
            "serve": "wesam.bench.serve", "export": "wesam.bench.export_speed",
-           "pretrain-curve": "wesam.bench.pretrain_curve"}
+           "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -383,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    a = sub.add_parser("adapters", help="list, inspect, verify and activate adapter versions")
+    a = sub.add_parser("adapters", help="list, inspect, verify and activate adapter versions; control the "
+                                        "online worker (pin, freeze, rollback, lineage)")
     a.add_argument("--registry", default="registry", help="adapter registry directory (default ./registry)")
     asub = a.add_subparsers(dest="adapters_cmd", required=True)
     al = asub.add_parser("list")
@@ -398,7 +474,27 @@ def build_parser() -> argparse.ArgumentParser:
     aa = asub.add_parser("activate", help="route a domain to a version (roll forward or back)")
     aa.add_argument("domain")
     aa.add_argument("version", help="vN")
-    for sp in (al, ash, av, aa):  # also accept --registry after the subcommand
+    # The online worker's controls, in REGISTRY/<domain>/control.json (docs/online.md).
+    ap = asub.add_parser("pin", help="anchor the online worker of a domain to a version (it resets to it)")
+    ap.add_argument("domain")
+    ap.add_argument("version", help="vN")
+    aup = asub.add_parser("unpin", help="anchor the worker to the version active when it starts")
+    aup.add_argument("domain")
+    af = asub.add_parser("freeze", help="stop the worker's rounds and publications for a domain")
+    af.add_argument("domain")
+    af.add_argument("--reason", help="why (shown by list, lineage and the worker's logs)")
+    auf = asub.add_parser("unfreeze", help="let the worker run and publish again")
+    auf.add_argument("domain")
+    ar = asub.add_parser("rollback", help="activate the active version's lineage parent (else the previous "
+                                          "version) and freeze the domain")
+    ar.add_argument("domain")
+    ar.add_argument("--no-freeze", action="store_true",
+                    help="do not freeze: the worker may publish a new version at its next round")
+    ar.add_argument("--reason", help="the freeze's reason (default: rolled back from vM to vN)")
+    ali = asub.add_parser("lineage", help="the active version's ancestry: parents, samples, gate results")
+    ali.add_argument("domain", help="DOMAIN, or DOMAIN@vN to start from vN")
+    ali.add_argument("--json", action="store_true")
+    for sp in (al, ash, av, aa, ap, aup, af, auf, ar, ali):  # also accept --registry after the subcommand
         sp.add_argument("--registry", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     a.set_defaults(func=cmd_adapters)
 
@@ -517,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_serve_parser(sub)
+
+    from wesam.adapters.online.cli import add_worker_parser
+
+    add_worker_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks; each writes JSON and updates bench/RESULTS.md",
                        description="wesam bench NAME [options]; `wesam bench NAME --help` lists the options")

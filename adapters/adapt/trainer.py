@@ -19,6 +19,12 @@ Options that leave the faithful method as the default (docs/adaptation.md, "Adap
 ``select="fixed"`` publishes the last step instead of the best on validation. Every run
 reports its speed (steps/s and the share of step time per phase).
 
+Hooks for the online worker (wesam.adapters.online), all optional: ``data=`` trains on samples
+held in memory instead of loading ``cfg.data``; ``model=`` uses an already loaded base model;
+``init=`` starts the adapter (and the EMA teacher) from a given LoRA state instead of zero;
+``pin=`` with ``cfg.pull > 0`` adds a pull towards a pinned adapter whose weight grows with the
+drift from it (PeTTA). A non-finite loss raises :class:`NonFiniteLoss` before anything is updated.
+
 Data order and augmentations of step ``t`` depend only on (seed, t): runs are deterministic on
 CPU and a resumed run continues exactly. Under ``torchrun`` each rank takes a slice of every
 batch and LoRA gradients are all-reduced (averaged) before each step, which is what DDP does.
@@ -42,7 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from wesam.errors import Interrupted
+from wesam.errors import Interrupted, WesamError
 from wesam.evaluation.evaluate import PromptSpec, evaluate
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.transforms import SamTransform
@@ -51,6 +57,7 @@ from wesam.sam.zoo import LoadedModel, resolve_model
 from ..artifact import save_adapter
 from ..lora import (
     LoraConfig,
+    LoraLinear,
     adapter_state,
     add_adapter,
     load_adapter_state,
@@ -58,6 +65,7 @@ from ..lora import (
     trainable_parameters,
     use_adapter,
 )
+from ..lora.layer import SEP
 from ..registry import Registry
 from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
 from . import constraints as C
@@ -116,6 +124,11 @@ class AdaptConfig:
     work_dir: str | None = None
     limit: int | None = None
     skip_bad: bool = False
+    # Pull towards a pinned adapter (the online worker's anchor; 0: off). The term is
+    # pull * (1 + drift / drift_scale) * drift**2, drift = ||dW - dW_pin|| / ||W0 + dW_pin|| over the
+    # adapted weight slices (dW = scale * B @ A): the weight grows with the drift (PeTTA).
+    pull: float = 0.0
+    drift_scale: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -130,6 +143,8 @@ class AdaptConfig:
             raise ValueError(f"confidence quantile must be in [0, 1), got {self.confidence_quantile}")
         if self.clip_margin < 0 or self.point_radius < 0 or self.anchor_clip <= 0:
             raise ValueError("clip margin and point radius must be >= 0 and the anchor clip > 0")
+        if self.pull < 0 or self.drift_scale <= 0:
+            raise ValueError(f"pull must be >= 0 and drift_scale > 0, got {self.pull} and {self.drift_scale}")
         self.lora_targets = tuple(self.lora_targets)
         self.n_points = tuple(self.n_points)
 
@@ -153,6 +168,16 @@ class AdaptConfig:
 
 class AdaptInterrupted(Interrupted):
     """Ctrl-C: the checkpoint is saved, nothing is published."""
+
+
+class NonFiniteLoss(WesamError, FloatingPointError):
+    """The training loss (or its gradient) is NaN or infinite; the step was not applied."""
+
+    kind = "non_finite_loss"
+
+
+#: A LoRA adapter as data: its config and its tensors keyed as :func:`adapter_state` keys them.
+AdapterState = tuple[LoraConfig, dict[str, torch.Tensor]]
 
 
 def _dist() -> tuple[int, int]:
@@ -209,30 +234,46 @@ SPEED_PHASES = ("encoder_forward", "encoder_backward", "decoder_forward", "decod
 
 
 class AdaptationTrainer:
-    def __init__(self, cfg: AdaptConfig, log: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: AdaptConfig, log: Callable[[str], None] = print, *,
+                 data: tuple[list[AdaptSample], list[AdaptSample], str] | None = None,
+                 model: LoadedModel | None = None, init: AdapterState | None = None,
+                 pin: AdapterState | None = None) -> None:
+        """``data``: (train, val, fingerprint) held in memory instead of loading ``cfg.data``;
+        ``model``: a loaded base model to train on (it is modified: LoRA is added to it);
+        ``init``: start the adapter and the EMA teacher from this LoRA state (its config replaces
+        ``cfg.lora_*``); ``pin``: the pinned adapter ``cfg.pull`` pulls towards (None: the base)."""
         self.cfg = cfg
         self.rank, self.world = _dist()
         self.log = log if self.rank == 0 else (lambda *_: None)
         torch.manual_seed(cfg.seed)
-        self.base: LoadedModel = resolve_model(cfg.model, cfg.checkpoint)
+        self.base: LoadedModel = model if model is not None else resolve_model(cfg.model, cfg.checkpoint)
         self.device = torch.device(cfg.device)
         sam = self.base.sam.to(self.device)
         # The anchor is copied before LoRA exists: it is exactly the source model.
         self.anchor = copy.deepcopy(sam).eval()
         for p in self.anchor.parameters():
             p.requires_grad_(False)
-        self.lora_cfg = LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
+        self.lora_cfg = init[0] if init is not None else LoraConfig(rank=cfg.lora_rank, alpha=cfg.lora_alpha,
+                                                                    targets=cfg.lora_targets)
         add_adapter(sam, ADAPTER, self.lora_cfg)
         if cfg.ema_decay:
             add_adapter(sam, EMA_ADAPTER, self.lora_cfg)
+        if init is not None:
+            load_adapter_state(sam, ADAPTER, init[1])
+            if cfg.ema_decay:  # the teacher starts where the student does
+                load_adapter_state(sam, EMA_ADAPTER, init[1])
         self.params = trainable_parameters(sam, ADAPTER)
         set_adapter(sam, ADAPTER)
         self.sam = sam
         self.transform = SamTransform(sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0])
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.train, self.val, self.fingerprint = load_adaptation_data(
-            cfg.data, cfg.split, cfg.prompt, seed=cfg.seed, n_points=cfg.n_points,
-            val_fraction=cfg.val_fraction, skip_bad=cfg.skip_bad, limit=cfg.limit)
+        self._pin = self._pin_targets(pin) if cfg.pull > 0 else None
+        if data is not None:
+            self.train, self.val, self.fingerprint = list(data[0]), list(data[1]), data[2]
+        else:
+            self.train, self.val, self.fingerprint = load_adaptation_data(
+                cfg.data, cfg.split, cfg.prompt, seed=cfg.seed, n_points=cfg.n_points,
+                val_fraction=cfg.val_fraction, skip_bad=cfg.skip_bad, limit=cfg.limit)
         if not self.train:
             raise ValueError(f"no adaptation images in {cfg.data} split {cfg.split!r}")
         self.work = Path(cfg.work_dir or Path("runs") / "adapt" / cfg.run_name)
@@ -244,6 +285,52 @@ class AdaptationTrainer:
         self.seconds = 0.0
         self.best_step = 0
         self.clock = _Clock(self.device)
+
+    # -- pull towards a pinned adapter
+    @torch.no_grad()
+    def _pin_targets(self, pin: AdapterState | None) -> tuple[list[tuple[LoraLinear, str, torch.Tensor]], float]:
+        """Per adapted weight slice: (layer, key of the trained adapter, the pinned dW); and
+        ||W0 + dW_pin||^2 summed over the slices (the drift's denominator; the base is frozen).
+
+        Drift compares effective updates dW = scale * B @ A, not the factors A and B: LoRA factors
+        are not identifiable (B A = (B M)(M^-1 A)), and the base model (``pin=None``) has none.
+        """
+        pinned: dict[str, torch.Tensor] = {}
+        if pin is not None:
+            pin_cfg, state = pin
+            for key, a in state.items():
+                if key.endswith(".lora_A"):
+                    b = state[key[:-len("lora_A")] + "lora_B"]
+                    pinned[key[:-len(".lora_A")]] = pin_cfg.scale * (b.float() @ a.float()).to(self.device)
+        entries, den = [], 0.0
+        for path, m in self.sam.image_encoder.named_modules():
+            if isinstance(m, LoraLinear):
+                for key in m.keys_of(ADAPTER):
+                    name = f"image_encoder.{path}.{key.rsplit(SEP, 1)[1]}"
+                    s0, s1 = m.slices[key]
+                    dw = pinned.pop(name, None)
+                    dw = torch.zeros_like(m.base.weight[s0:s1], dtype=torch.float32) if dw is None else dw
+                    if dw.shape != m.base.weight[s0:s1].shape:
+                        raise ValueError(f"pinned adapter: {name} has shape {tuple(dw.shape)}, "
+                                         f"expected {tuple(m.base.weight[s0:s1].shape)}")
+                    entries.append((m, key, dw))
+                    den += float(((m.base.weight[s0:s1].float() + dw) ** 2).sum())
+        if pinned:
+            raise ValueError(f"the pinned adapter adapts weights the trained adapter does not: {sorted(pinned)[:3]}")
+        return entries, max(den, 1e-12)
+
+    def _pull_term(self) -> tuple[torch.Tensor, float]:
+        """(drift**2 with gradient, drift as a number); see :attr:`AdaptConfig.pull`."""
+        entries, den = self._pin
+        sq = sum((((m.delta_weight(key).float() - dw) ** 2).sum() for m, key, dw in entries),
+                 torch.zeros((), device=self.device))
+        rel2 = sq / den
+        return rel2, float(rel2.detach().sqrt())
+
+    @torch.no_grad()
+    def drift(self) -> float | None:
+        """The trained adapter's relative distance to the pinned one (None without a pull)."""
+        return None if self._pin is None else self._pull_term()[1]
 
     # -- data
     def _view(self, sample: AdaptSample, rng: np.random.Generator) -> tuple[_View, _View | None]:
@@ -422,6 +509,19 @@ class AdaptationTrainer:
                 total = total + cfg.weights.get(k, 1.0) * v
                 terms[k] = terms.get(k, 0.0) + float(v.detach()) / len(views)
         total = total / max(len(views), 1)
+        if self._pin is not None:
+            rel2, drift = self._pull_term()
+            # The weight is a number, not a function of the weights (PeTTA adapts lambda, it does
+            # not differentiate through it).
+            pull = cfg.pull * (1.0 + drift / cfg.drift_scale) * rel2
+            terms["pull"], terms["drift"] = float(pull.detach()), drift
+            total = total + pull
+        bad = (~torch.isfinite(total.detach())).float().reshape(1)
+        if self.world > 1:  # every rank stops together (one rank raising alone would hang the others)
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"non-finite loss at step {self.step}: "
+                                + ", ".join(f"{k}={v:.4g}" for k, v in terms.items()))
         lr = cfg.lr * min(1.0, (self.step + 1) / max(cfg.warmup_steps, 1))
         for g in self.opt.param_groups:
             g["lr"] = lr
@@ -445,7 +545,10 @@ class AdaptationTrainer:
                 dist.all_reduce(p.grad)
                 p.grad /= self.world
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+            if not torch.isfinite(norm):
+                self.opt.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"non-finite gradient at step {self.step}")
         self.opt.step()
         if cfg.ema_decay:
             self._ema_update()
