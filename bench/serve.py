@@ -6,8 +6,12 @@ Measures on one model (``sam-mini`` unless ``--model``):
   (JSON + base64 PNG in, COCO RLE out, through BentoML's front and model-runtime processes)
   against ``SamPredictorCore.predict`` on the decoded array in this process -> overhead ratio;
 * prompt-only request on a cached embedding (``image_id``) against the full request -> speed-up;
+* the same full request over the KServe-v2 gRPC endpoint (``tritonclient``, the JPEG file as a BYTES
+  tensor, masks back as a UINT8 tensor) -> its overhead ratio, reported the same way (``--no-grpc``
+  skips it);
 * throughput with 1 and with N concurrent clients (``--concurrency``, default 8), new images each,
-  so the encoder runs every time and the adaptive batcher can merge requests.
+  so the encoder runs every time and the adaptive batcher can merge requests; the 8-client
+  throughput is also compared with the in-process predictor's sequential throughput.
 
 Images are generated (smooth random colour fields, ``--image-size``) and sent as base64 JPEG
 (``--format``); payloads are encoded before timing.
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from wesam.sam.predictor import Prompts, SamPredictorCore
     from wesam.sam.zoo import resolve_model
     from wesam.service.config import ServeConfig
-    from wesam.service.launch import ServerProcess
+    from wesam.service.launch import ServerProcess, free_port
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,8 +105,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     size = args.image_size
     n, warm, conc = args.requests, args.warmup, args.concurrency
     # Fresh images for every measured request of every phase: a repeated image would hit the cache.
-    # in-process, full, cached (1), one client, `conc` clients
-    pool = _images(3 * n + 2 * warm + 1 + conc * max(n // conc, 1), size, args.seed)
+    # in-process, full, cached (1), gRPC, one client, `conc` clients
+    pool = _images(4 * n + 3 * warm + 1 + conc * _per_client(n, conc), size, args.seed)
     payloads = [_encoded_b64(im, args.format) for im in pool]
     box = _box(size)
     cursor = iter(range(len(pool)))
@@ -116,14 +120,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = ServeConfig(model=str(pathlib.Path(args.model).resolve()) if pathlib.Path(args.model).is_file()
                          else args.model, checkpoint=args.checkpoint, registry=args.registry, runtime=args.runtime,
                          device=args.device, threads=threads, workers=args.workers, cache_mb=args.cache_mb,
-                         grpc_port=None, poll_seconds=0)
+                         grpc_port=None if args.no_grpc else free_port(), poll_seconds=0)
     server = None
     if args.url:
-        url = args.url.rstrip("/")
+        url, grpc_url = args.url.rstrip("/"), (None if args.no_grpc else args.grpc_url)
     else:
-        print(f"starting the server ({args.workers} front worker(s), runtime {args.runtime})", file=sys.stderr)
+        print(f"starting the server ({args.workers} worker(s), runtime {args.runtime})", file=sys.stderr)
         server = ServerProcess(config).start(timeout=args.start_timeout)
-        url = server.url
+        url, grpc_url = server.url, server.grpc_url
     try:
         with httpx.Client(base_url=url, timeout=300) as client:
             def segment(body: dict[str, Any]) -> dict[str, Any]:
@@ -143,8 +147,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cached = _timed(lambda i: segment({"image_id": image_id,
                                                "boxes": [[boxes[i][0], box[1], boxes[i][1], box[3]]]}), n, warm)
 
+            grpc_full = None
+            if grpc_url:
+                grpc_ids = [next(cursor) for _ in range(n + warm)]
+                files = [base64.b64decode(payloads[i]) for i in grpc_ids]
+                print(f"service, gRPC full requests: {n}", file=sys.stderr)
+                grpc_full = _timed(_grpc_segment(grpc_url, files, box), n, warm)
+
             def throughput(clients: int) -> dict[str, float]:
-                per_client = max(n // clients, 1) if clients > 1 else n
+                per_client = _per_client(n, clients)
                 ids = [[next(cursor) for _ in range(per_client)] for _ in range(clients)]
                 latencies: list[float] = []
 
@@ -167,17 +178,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             print(f"service, throughput with 1 and {conc} clients", file=sys.stderr)
             one = throughput(1)
+            before = _batch_totals(client.get("/metrics").text)
             many = throughput(conc)
-            metrics = client.get("/metrics").text
+            after = _batch_totals(client.get("/metrics").text)
     finally:
         if server is not None:
             server.cleanup()
-    batch_sum = batch_count = 0.0
-    for line in metrics.splitlines():
-        if line.startswith("wesam_batch_size_sum"):
-            batch_sum = float(line.split()[-1])
-        elif line.startswith("wesam_batch_size_count"):
-            batch_count = float(line.split()[-1])
+    # encoder batches of the concurrent phase alone (the sequential rows are all batches of one)
+    batch_sum, batch_count = after[0] - before[0], after[1] - before[1]
     return {
         "model": model.name, "model_sha256": model.sha256, "img_size": model.config.img_size,
         "image_size": list(size), "image_format": args.format, "threads": threads, "device": args.device,
@@ -186,11 +194,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "in_process": inproc, "service_full": full, "service_cached": cached,
         "overhead_ratio": full["p50_ms"] / inproc["p50_ms"],
         "cached_speedup": full["p50_ms"] / cached["p50_ms"],
+        "grpc_full": grpc_full,
+        "grpc_overhead_ratio": grpc_full["p50_ms"] / inproc["p50_ms"] if grpc_full else None,
         "throughput_1_client": one, f"throughput_{conc}_clients": many,
         "concurrency_speedup": many["throughput_rps"] / one["throughput_rps"],
+        "throughput_vs_in_process": many["throughput_rps"] / inproc["throughput_rps"],
         "mean_runtime_batch": batch_sum / batch_count if batch_count else None,
         "torch_version": torch.__version__,
     }
+
+
+def _per_client(n: int, clients: int) -> int:
+    """Requests per client of a throughput row: ``n`` in all, at least 5 each with several clients,
+    so the ramp-up (the first batch holds whoever arrived first) does not dominate the row."""
+    return n if clients == 1 else max(n // clients, 5)
+
+
+def _batch_totals(metrics: str) -> tuple[float, float]:
+    """(sum, count) of the ``wesam_batch_size`` histogram in a /metrics scrape."""
+    total = count = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("wesam_batch_size_sum"):
+            total += float(line.split()[-1])
+        elif line.startswith("wesam_batch_size_count"):
+            count += float(line.split()[-1])
+    return total, count
+
+
+def _grpc_segment(url: str, files: list[bytes], box: list[float]) -> Callable[[int], Any]:
+    """A full gRPC request per call: the encoded file as a BYTES tensor, one box."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    boxes = np.asarray([box], np.float32)
+
+    def call(i: int) -> Any:
+        image = grpcclient.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([files[i]], dtype=np.object_))
+        prompt = grpcclient.InferInput("BOXES", list(boxes.shape), "FP32")
+        prompt.set_data_from_numpy(boxes)
+        return client.infer("segment", [image, prompt]).as_numpy("MASKS")
+
+    return call
 
 
 def markdown(result: dict[str, Any], concurrency: int) -> str:
@@ -201,6 +246,8 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
         ("in-process `SamPredictorCore.predict` (new image, 1 box)", result["in_process"]),
         ("service `/segment`, new image, 1 box", result["service_full"]),
         ("service `/segment`, cached `image_id`, 1 box", result["service_cached"]),
+        *((("gRPC `ModelInfer`, new image (file as BYTES), 1 box", result["grpc_full"]),)
+          if result.get("grpc_full") else ()),
         ("service, 1 client, new images", result["throughput_1_client"]),
         (f"service, {concurrency} clients, new images", many),
     ]
@@ -210,7 +257,7 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
         f"{result['runtime']} runtime)",
         "",
         f"`wesam bench serve` on {machine()}; {result['threads']} torch thread(s) on both sides, "
-        f"{result['front_workers']} front worker(s), {result['requests']} requests per row.",
+        f"{result['front_workers']} worker(s), {result['requests']} requests per row.",
         "",
         "| what | p50 ms | p95 ms | req/s |",
         "|---|---:|---:|---:|",
@@ -219,10 +266,12 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
     batch = result["mean_runtime_batch"]
     lines += [
         "",
-        f"Service overhead (p50 service / p50 in-process): x{result['overhead_ratio']:.2f}. "
+        f"Service overhead (p50 service / p50 in-process): x{result['overhead_ratio']:.2f}"
+        + (f" (gRPC: x{result['grpc_overhead_ratio']:.2f})" if result.get("grpc_overhead_ratio") else "") + ". "
         f"Cached prompt-only speed-up (p50 full / p50 cached): x{result['cached_speedup']:.2f}. "
         f"Throughput {concurrency} clients / 1 client: x{result['concurrency_speedup']:.2f}"
-        + (f" (mean adaptive batch {batch:.2f} requests)." if batch else "."),
+        + (f" (mean encoder batch {batch:.2f} requests)" if batch else "")
+        + f"; {concurrency} clients / in-process sequential: x{result['throughput_vs_in_process']:.2f}.",
     ]
     return "\n".join(lines)
 
@@ -250,10 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=_size, default=(480, 640), help="HxW of the generated images")
     p.add_argument("--format", default="jpeg", choices=["jpeg", "png"], help="how images are sent (jpeg, q90)")
     p.add_argument("--threads", type=int, help="torch threads for both sides (default: torch's)")
-    p.add_argument("--workers", type=int, default=1, help="HTTP front workers")
+    p.add_argument("--workers", type=int, default=1, help="HTTP workers (default 1: one process holds the model)")
     p.add_argument("--cache-mb", type=float, default=512.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help="benchmark this running server (of --model) instead of starting one")
+    p.add_argument("--grpc-url", help="with --url: its gRPC endpoint (host:port) for the gRPC row")
+    p.add_argument("--no-grpc", action="store_true", help="skip the gRPC row")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--no-results", action="store_true", help="do not update bench/RESULTS.md")

@@ -46,6 +46,9 @@ def add_serve_parser(subparsers: "argparse._SubParsersAction") -> None:
     p.add_argument("--workers", type=int, help="HTTP front worker processes (default 1)")
     p.add_argument("--threads", type=int, help="torch threads in the model runtime")
     p.add_argument("--cache-mb", type=float, help="embedding cache size in MiB (default 512)")
+    p.add_argument("--max-queue", type=int,
+                   help="requests that may wait for the model, per lane (new images, prompt-only); more are "
+                        "answered 503 overloaded with Retry-After at once (default 32)")
     p.add_argument("--merged", nargs="+", metavar="DOMAIN", help="hot domains served from merged model copies")
     p.add_argument("--fallback-domain", help="serve unknown domains with this domain (or 'base') instead of 404")
     p.add_argument("--onnx-cache", help="where --runtime onnx keeps exported graphs")
@@ -67,7 +70,8 @@ def config_from_args(args: argparse.Namespace, env: dict[str, str] | None = None
     over: dict[str, Any] = {}
     for flag, name in (("model", "model"), ("checkpoint", "checkpoint"), ("registry", "registry"),
                        ("runtime", "runtime"), ("device", "device"), ("workers", "workers"),
-                       ("threads", "threads"), ("cache_mb", "cache_mb"), ("fallback_domain", "fallback_domain"),
+                       ("threads", "threads"), ("cache_mb", "cache_mb"), ("max_queue", "max_queue"),
+                       ("fallback_domain", "fallback_domain"),
                        ("onnx_cache", "onnx_cache"), ("grpc_port", "grpc_port"),
                        ("capture_store", "capture_store"), ("capture_rate", "capture_rate")):
         value = getattr(args, flag, None)

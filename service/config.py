@@ -42,9 +42,10 @@ class ServeConfig:
     merged_domains: tuple[str, ...] = ()
     poll_seconds: float = 2.0
     workers: int = 1
-    runtime_threads: int = 2
+    runtime_threads: int = 2  # model threads: one runs encoder batches, the others prompt-only decodes
     max_batch_size: int = 8
-    max_latency_ms: int = 10_000
+    max_latency_ms: int = 10_000  # admission bound: a request predicted to wait longer is refused (503)
+    max_queue: int = 32  # requests waiting for the model, per lane (new images, prompt-only); more: 503
     timeout_s: int = 60
     grpc_port: int | None = None
     grpc_host: str = "127.0.0.1"
@@ -70,11 +71,11 @@ class ServeConfig:
                     "max_prompts": self.max_prompts, "max_points": self.max_points,
                     "max_image_pixels": self.max_image_pixels, "timeout_s": self.timeout_s,
                     "max_mask_pixels": self.max_mask_pixels,
-                    "max_latency_ms": self.max_latency_ms}
+                    "max_latency_ms": self.max_latency_ms, "max_queue": self.max_queue}
         for name, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 1, got {value}")
-        # BentoML refuses max_batch_size=1 for batchable APIs (and older releases crashed on it).
+        # A batch of one is no batching: say so instead of silently serialising every encoder call.
         if self.max_batch_size < 2:
             raise ConfigError(f"{PREFIX}MAX_BATCH_SIZE must be >= 2, got {self.max_batch_size}")
         if self.cache_mb < 0 or self.max_image_mb <= 0 or self.poll_seconds < 0:
@@ -112,6 +113,17 @@ class ServeConfig:
         for name in ("capture_domain_cap", "capture_client_cap", "capture_max_age_s", "capture_max_per_domain"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{PREFIX}{name.upper()} must be >= 0 (0: no limit), got {getattr(self, name)}")
+
+    @property
+    def single_process(self) -> bool:
+        """One worker: the HTTP front holds the model itself (no runtime process, no hop between them)."""
+        return self.workers == 1
+
+    @property
+    def request_deadline_s(self) -> float:
+        """How long a request may wait for the model before it is answered 503 ``overloaded``: short
+        of ``timeout_s``, so BentoML's bare 504 (sent at ``timeout_s``) is never what a client sees."""
+        return max(0.5 * self.timeout_s, self.timeout_s - 2.0)
 
     @property
     def capture_enabled(self) -> bool:

@@ -1,17 +1,21 @@
 """The segmentation pipeline behind every endpoint: route, embed (cached, batched), decode.
 
-One ``SegmentEngine`` lives in the model-runtime process. BentoML's adaptive batcher hands it a
-list of requests; it groups them by adapter so each encoder call runs one adapter over a
-homogeneous sub-batch, reuses cached embeddings, and decodes every request's prompts. The gRPC
-endpoint calls the same engine. No request can fail another: each result carries its own error.
+One ``SegmentEngine`` lives in the process that holds the model (the HTTP worker itself with one
+worker, else the model-runtime process). Its batcher (``wesam.service.batcher``) hands it a list of
+requests; it decodes each image once (``prepare``), groups the requests by adapter so each encoder
+call runs one adapter over a homogeneous sub-batch, reuses cached embeddings, decodes every
+request's prompts and encodes the masks the HTTP answer needs. The gRPC endpoint goes through the
+same batcher and engine. No request can fail another: each result carries its own error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,6 +52,37 @@ def embedding_key(content_hash: str, model_id: str, route_key: str, runtime: str
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+class FileAliases:
+    """Which pixels (content hash) an encoded image file decoded to, for the files seen last.
+
+    A client that sends the same file again (a retry, a second prompt on the same frame without using
+    ``image_id``) then hits the embedding cache without the file being decoded and hashed again.
+    Bounded by entry count (an entry is two short strings); least recently used forgotten first.
+    """
+
+    def __init__(self, max_entries: int = 16384) -> None:
+        self.max_entries = max_entries
+        self._map: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, file_hash: str) -> str | None:
+        with self._lock:
+            content = self._map.get(file_hash)
+            if content is not None:
+                self._map.move_to_end(file_hash)
+            return content
+
+    def put(self, file_hash: str, content_hash: str) -> None:
+        with self._lock:
+            self._map[file_hash] = content_hash
+            self._map.move_to_end(file_hash)
+            while len(self._map) > self.max_entries:
+                self._map.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+
 class SegmentEngine:
     def __init__(self, model: LoadedModel, runtime: ModelRuntime, config: ServeConfig,
                  metrics: Metrics | None = None) -> None:
@@ -60,6 +95,7 @@ class SegmentEngine:
                                     fallback=config.fallback_domain, merged_domains=config.merged_domains,
                                     on_event=self._adapter_event)
         self.mask_threshold = float(getattr(model.sam, "mask_threshold", 0.0))
+        self.aliases = FileAliases()
         # Encoder calls switch the active LoRA adapter on the shared model and loading an adapter
         # rewires its layers: both happen under this lock. Decoding needs no lock (adapters only
         # touch the image encoder).
@@ -185,6 +221,49 @@ class SegmentEngine:
         }
 
     # -- inference -------------------------------------------------------------------------------
+    def prepare(self, item: InferItem) -> bool:
+        """Make an item with an image ready for ``infer`` and say whether its embedding is cached.
+
+        The encoded file (``image_bytes``) is decoded once, here, with the size limits checked from
+        its header before any pixel is decoded; pixels that come without a ``content_hash`` are
+        validated; either way the pixels are hashed once. A file decoded before is recognised by its
+        bytes (``aliases``): when its embedding is still cached it is not decoded at all (unless capture
+        is on: capture stores the pixels). Called by the batcher before a request is queued (outside
+        the model lock, in parallel with encoder batches) and again by ``infer`` (then a no-op).
+        Raises a ``ServiceError`` for a bad image or an unknown domain.
+        """
+        if item.image is None and item.image_bytes is None:
+            return False
+        if item.content_hash is None:
+            if item.image_bytes is not None:
+                data = item.image_bytes
+                file_hash = codec.bytes_hash(data)
+                known = self.aliases.get(file_hash)
+                if known is not None and self.capture is None and self._is_cached(known, item.domain):
+                    item.content_hash = known  # pixels are decoded later only if the entry is evicted meanwhile
+                    return True
+                self._decode_file(item)
+                self.aliases.put(file_hash, item.content_hash)  # type: ignore[arg-type]
+            else:
+                item.image = codec.check_pixels(np.asarray(item.image), max_pixels=self.config.max_image_pixels)
+                item.content_hash = codec.content_hash(item.image)
+        return self._is_cached(item.content_hash, item.domain)
+
+    def _decode_file(self, item: InferItem) -> None:
+        t0 = time.perf_counter()
+        item.image = codec.decode_image(item.image_bytes or b"", max_bytes=self.config.max_image_bytes,
+                                        max_pixels=self.config.max_image_pixels)
+        item.image_bytes = None  # the pixels from here on (nothing decodes the file twice)
+        if item.content_hash is None:
+            item.content_hash = codec.content_hash(item.image)
+        item.timings_ms = {**item.timings_ms, "decode_image": (time.perf_counter() - t0) * 1000}
+
+    def _is_cached(self, content_hash: str, domain: str | None) -> bool:
+        """Whether (pixels, domain's adapter) is cached; no LRU touch, no hit/miss counted."""
+        route = self.router.resolve(domain)
+        return embedding_key(content_hash, self.model.model_id, route.key, self.runtime.kind,
+                             self.runtime.img_size) in self.cache
+
     def infer(self, items: list[InferItem], batch: bool = False) -> list[InferResult]:
         """Serve a batch: embeddings (cache or encoder, grouped by adapter), then each item's prompts.
 
@@ -200,15 +279,18 @@ class SegmentEngine:
             results[i] = InferResult(image_id=key, adapter=entry.adapter, domain=entry.domain, cached=True,
                                      image_size=entry.embedding.original_size)
 
-        with_image = [i for i, item in enumerate(items) if item.image is not None]
-        # Prompt-only requests need no model lock: they never wait for an encoder batch.
+        with_image = []
         for i, item in enumerate(items):
-            if item.image is None:
-                try:
+            try:
+                if item.image is None and item.image_bytes is None:
+                    # Prompt-only requests need no model lock: they never wait for an encoder batch.
                     key, entry = self._lookup_id(item)
                     found(i, key, entry)
-                except WesamError as e:
-                    results[i] = _failed(e)
+                else:
+                    self.prepare(item)
+                    with_image.append(i)
+            except WesamError as e:
+                results[i] = _failed(e)
         if with_image:
             with self.lock:  # routes stay valid until the encoder ran: no adapter is swapped meanwhile
                 pending: dict[str, dict[str, list[int]]] = {}  # route key -> embedding key -> item indices
@@ -216,6 +298,8 @@ class SegmentEngine:
                 for i in with_image:
                     try:
                         route, key, entry = self._lookup_image(items[i])
+                        if entry is None and items[i].image is None:
+                            self._decode_file(items[i])  # known file, but its embedding was evicted meanwhile
                     except WesamError as e:
                         results[i] = _failed(e)
                         continue
@@ -230,7 +314,11 @@ class SegmentEngine:
                     self._encode_group(items, route_of[route_key], by_key, entries, results)
         for i, item in enumerate(items):
             res = results[i]
-            if res is None or res.error is not None or item.prompts is None:
+            if res is None or res.error is not None:
+                continue
+            if item.timings_ms:
+                res.timings_ms = {**item.timings_ms, **res.timings_ms}
+            if item.prompts is None:
                 continue
             try:
                 self._decode(item, entries[i], res)
@@ -243,7 +331,17 @@ class SegmentEngine:
                 continue
             if self.capture is not None:
                 self._offer(item, res)
+            if item.output is not None:
+                self._encode_answer(item, res)
         return [r if r is not None else _failed(Internal("no result")) for r in results]
+
+    def _encode_answer(self, item: InferItem, res: InferResult) -> None:
+        """Encode the masks where they were made: the HTTP front gets a few KB of RLE, not H x W arrays."""
+        t0 = time.perf_counter()
+        res.encoded_masks = codec.mask_answers(res.masks, res.scores, item.output or "rle",
+                                               res.logits, res.low_res_logits)
+        res.masks = res.logits = res.low_res_logits = None  # capture holds its own references
+        res.timings_ms = {**res.timings_ms, "encode_masks": (time.perf_counter() - t0) * 1000}
 
     def _offer(self, item: InferItem, res: InferResult) -> None:
         """Hand a served request to capture: a few checks and a non-blocking put, never an error."""
@@ -253,11 +351,9 @@ class SegmentEngine:
             log.exception("capture offer failed")
 
     def _lookup_image(self, item: InferItem) -> tuple[Route, str, CacheEntry | None]:
-        image = codec.check_pixels(np.asarray(item.image), max_pixels=self.config.max_image_pixels)
-        item.image = image
         route = self.router.resolve(item.domain)
-        content = item.content_hash or codec.content_hash(image)
-        key = embedding_key(content, self.model.model_id, route.key, self.runtime.kind, self.runtime.img_size)
+        key = embedding_key(item.content_hash or "", self.model.model_id, route.key, self.runtime.kind,
+                            self.runtime.img_size)
         return route, key, self.cache.get(key)
 
     def _lookup_id(self, item: InferItem) -> tuple[str, CacheEntry]:
@@ -296,6 +392,10 @@ class SegmentEngine:
                 self.metrics.encoder.labels(route.adapter).observe(dt)
                 self.metrics.encoder_batch.observe(len(chunk))
             for k, emb in zip(chunk, embs):
+                if len(chunk) > 1:
+                    # Each embedding of a batch is a view of the batch's output: cached as it is, it would
+                    # keep the whole batch alive (up to MAX_BATCH_SIZE x the bytes the cache accounts for).
+                    emb = dataclasses.replace(emb, features=emb.features.clone())
                 entry = CacheEntry(emb, route.adapter, route.domain)
                 self.cache.put(k, entry)
                 for i in by_key[k]:

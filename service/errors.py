@@ -64,26 +64,37 @@ def http_status(kind: str) -> int:
 
 class ServiceError(WesamError):
     """A request that cannot be served. The status comes from ``HTTP_STATUS`` by ``kind``;
-    ``status=`` overrides it for one instance (an error read back from another process)."""
+    ``status=`` overrides it for one instance (an error read back from another process).
+
+    ``retry_after``: seconds after which a retry may succeed (``overloaded``); it travels in the JSON
+    body as ``retry_after`` and becomes the HTTP ``Retry-After`` header and gRPC ``retry-after``
+    trailing metadata.
+    """
 
     kind: str = "bad_request"
 
-    def __init__(self, message: str, *, kind: str | None = None, status: int | None = None) -> None:
+    def __init__(self, message: str, *, kind: str | None = None, status: int | None = None,
+                 retry_after: int | None = None) -> None:
         super().__init__(message, kind=kind)
         self._status = status
+        self.retry_after = retry_after
 
     @property
     def status(self) -> int:
         return self._status if self._status is not None else http_status(self.kind)
 
     def to_json(self) -> dict[str, Any]:
-        return {"error": self.message, "kind": self.kind, "status": self.status}
+        out: dict[str, Any] = {"error": self.message, "kind": self.kind, "status": self.status}
+        if self.retry_after is not None:
+            out["retry_after"] = self.retry_after
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ServiceError":
         """The error the model runtime answered with (``InferResult.error``, ``activate``)."""
+        retry = data.get("retry_after")
         return cls(str(data.get("error", "error")), status=int(data.get("status", DEFAULT_STATUS)),
-                   kind=str(data.get("kind", "internal")))
+                   kind=str(data.get("kind", "internal")), retry_after=int(retry) if retry is not None else None)
 
 
 class BadRequest(ServiceError):
@@ -159,7 +170,21 @@ class Forbidden(ServiceError):
 
 
 class Overloaded(ServiceError):
+    """The model cannot take the request now (queue full, predicted wait too long, runtime
+    unreachable): answered at once with 503 and a ``Retry-After`` header (``retry_after`` seconds
+    when the batcher estimated them, else ``DEFAULT_RETRY_AFTER_S``)."""
+
     kind = "overloaded"
+
+
+DEFAULT_RETRY_AFTER_S = 1
+
+
+def retry_after_s(body: dict[str, Any]) -> int | None:
+    """The ``Retry-After`` seconds of an error answer: every ``overloaded`` answer has one."""
+    if body.get("kind") != Overloaded.kind:
+        return None
+    return int(body.get("retry_after") or DEFAULT_RETRY_AFTER_S)
 
 
 class Internal(ServiceError):

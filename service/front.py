@@ -1,8 +1,12 @@
 """The HTTP front's work, free of BentoML: parse bodies, call the runtime, format answers.
 
-``Frontend`` takes the runtime as a ``messages.RuntimeClient`` (BentoML's dependency proxy in the
-server, ``LocalRuntime`` over an in-process engine in tests) and answers ``(status, json)``; the
-service class only moves bytes in and out.
+``Frontend`` takes the runtime as a ``messages.RuntimeClient`` (``LocalRuntime`` over the engine
+and its batcher in the same process with one worker, BentoML's dependency proxy to the model
+process with several) and answers ``(status, json)``; the service class only moves bytes in and out.
+
+The front is thin on purpose: it validates the request (fields, prompts) and base64-decodes the
+image, and sends the encoded file to the runtime; the runtime decodes it once and answers with the
+masks already encoded (``messages``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from .metrics import domain_label
 from .requests import ParsedRequest, parse_embed, parse_segment
 
 if TYPE_CHECKING:
+    from .batcher import Batcher
     from .capture import RequestMeta
     from .engine import SegmentEngine
     from .metrics import Metrics
@@ -32,7 +37,6 @@ log = logging.getLogger("wesam.service")
 
 class Frontend:
     SERVED_TTL_S = 5.0
-    CONNECTION_RETRIES = 2
 
     def __init__(self, config: ServeConfig, runtime: RuntimeClient, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -72,9 +76,17 @@ class Frontend:
                 raise fields
             raw_domain = fields.get("domain")
             domain = raw_domain if isinstance(raw_domain, str) else None
+            check = getattr(self.runtime, "check", None)
+            if check is not None:  # the model is in this process: refuse before any parsing when it is full
+                check(endpoint == "embed" or fields.get("image") is not None)
             parse = parse_segment if endpoint == "segment" else parse_embed
-            # Image decoding is CPU work: keep it off the event loop.
-            parsed: ParsedRequest = await anyio.to_thread.run_sync(lambda: parse(fields, self.config, form=form))
+            # Validation, base64 and prompt arrays take a fraction of a millisecond for box and point
+            # prompts: done here, a hop to a worker thread would cost as much. A mask_input can mean
+            # decoding RLE at the image size, and form bodies are larger: those go to a thread.
+            if form or fields.get("mask_input"):
+                parsed: ParsedRequest = await anyio.to_thread.run_sync(lambda: parse(fields, self.config, form=form))
+            else:
+                parsed = parse(fields, self.config, form=form)
             if meta is not None:
                 parsed.item.request_id, parsed.item.client, parsed.item.capture = (meta.request_id, meta.client,
                                                                                    meta.capture)
@@ -85,16 +97,14 @@ class Frontend:
                 raise ServiceError.from_json(result.error)
             adapter = result.adapter or "base"
             if endpoint == "segment":
-                body = await anyio.to_thread.run_sync(lambda: self.format_segment(parsed, result))
+                body = self.format_segment(parsed, result)
             else:
                 body = self.format_embed(result)
             t_end = time.perf_counter()
             body["timings_ms"] = {
-                **({"decode_image": parsed.decode_ms} if parsed.decode_ms else {}),
                 "parse": (t_parsed - t0) * 1000,
                 **result.timings_ms,
                 "runtime": (t_runtime - t_parsed) * 1000,
-                **({"encode_masks": (t_end - t_runtime) * 1000} if endpoint == "segment" else {}),
                 "total": (t_end - t0) * 1000,
             }
             status = 200
@@ -112,43 +122,41 @@ class Frontend:
         return status, body
 
     async def _call_runtime(self, item: InferItem) -> InferResult:
-        attempt = 0
-        while True:
-            try:
-                if item.image is None:  # prompt-only: straight to the decoder, never queued behind encodes
-                    return await self.runtime.decode(item)
+        """The runtime's answer, or ``Overloaded`` when it cannot give one in time.
+
+        Within ``config.request_deadline_s``, short of BentoML's own request timeout, so a client never
+        gets BentoML's bare 504: a request still waiting then is cancelled (a queued one is never
+        computed) and answered 503 ``overloaded``. There are no retries: a runtime call that fails at
+        the connection level is a fault to fix, not to hide (see ``service._steady_sessions``).
+        """
+        deadline = self.config.request_deadline_s
+        try:
+            with anyio.fail_after(deadline):
+                if item.image is None and item.image_bytes is None:
+                    return await self.runtime.decode(item)  # prompt-only: never queued behind encodes
                 return (await self.runtime.infer([item]))[0]
-            except WesamError:
-                raise
-            except Exception as e:
-                # BentoML's client raises with the runtime's HTTP status; a connection-level failure
-                # has none. Those are retried: the client's keep-alive pool can hand out a connection
-                # the runtime's server has just closed, and both runtime calls are idempotent.
-                code = getattr(e, "error_code", None)
-                code = int(code) if code is not None else None
-                if code is None and attempt < self.CONNECTION_RETRIES:
-                    attempt += 1
-                    log.warning("runtime call failed (%s: %s), retrying", type(e).__name__, e)
-                    continue
-                log.warning("runtime call failed: %s: %s", type(e).__name__, e)
-                # The batcher sheds load with 503 when max_latency_ms cannot be met, a slow runtime
-                # times out: the client should retry. Anything else is a server bug.
-                if code is None or code in (429, 503, 504):
-                    raise Overloaded(f"model runtime unavailable or overloaded ({type(e).__name__}); "
-                                     "retry later") from None
-                raise Internal(f"model runtime failed ({code}); see the server log") from None
+        except TimeoutError:
+            raise Overloaded(f"no answer from the model within {deadline:g} s; retry later") from None
+        except WesamError:
+            raise
+        except Exception as e:
+            # BentoML's client raises with the runtime's HTTP status; a connection-level failure has none.
+            code = getattr(e, "error_code", None)
+            code = int(code) if code is not None else None
+            log.warning("runtime call failed: %s: %s", type(e).__name__, e)
+            # The runtime is unreachable (restarting) or timed out: the client should retry.
+            # Anything else is a server bug.
+            if code is None or code in (429, 503, 504):
+                raise Overloaded(f"model runtime unavailable or overloaded ({type(e).__name__}); "
+                                 "retry later") from None
+            raise Internal(f"model runtime failed ({code}); see the server log") from None
 
     def format_segment(self, parsed: ParsedRequest, result: InferResult) -> dict[str, Any]:
-        masks = []
-        n, m = result.masks.shape[:2]
-        for i in range(n):
-            for j in range(m):
-                out: dict[str, Any] = {"prompt": i, "score": float(result.scores[i, j])}
-                out.update(codec.encode_mask(result.masks[i, j], parsed.output))
-                if result.logits is not None:
-                    out["logits"] = codec.npy_b64(result.logits[i, j])
-                    out["low_res_logits"] = codec.npy_b64(result.low_res_logits[i, j])
-                masks.append(out)
+        if result.encoded_masks is not None:  # encoded by the runtime (HTTP requests ask it to)
+            masks = result.encoded_masks
+        else:
+            masks = codec.mask_answers(result.masks, result.scores, parsed.output, result.logits,
+                                       result.low_res_logits)
         return {"masks": masks, "adapter": result.adapter, "domain": result.domain, "image_id": result.image_id,
                 "image_size": list(result.image_size), "cached": result.cached}
 
@@ -159,19 +167,37 @@ class Frontend:
 
 
 class LocalRuntime:
-    """A ``RuntimeClient`` over an in-process ``SegmentEngine`` (tests, scripts, notebooks)."""
+    """A ``RuntimeClient`` over a ``SegmentEngine`` in this process: with its ``Batcher`` in the
+    server (one worker, and the model process), straight to the engine in tests and scripts."""
 
-    def __init__(self, engine: SegmentEngine) -> None:
+    def __init__(self, engine: SegmentEngine, batcher: Batcher | None = None) -> None:
         self.engine = engine
+        self.batcher = batcher
 
     async def infer(self, items: list[InferItem]) -> list[InferResult]:
+        if self.batcher is not None:
+            if len(items) == 1:
+                return [await self.batcher.infer(items[0])]
+            import asyncio
+
+            return list(await asyncio.gather(*(self.batcher.infer(item) for item in items)))
         return await anyio.to_thread.run_sync(lambda: self.engine.infer(items, batch=True))
 
     async def decode(self, item: InferItem) -> InferResult:
+        if self.batcher is not None:
+            return await self.batcher.infer(item)
         return (await anyio.to_thread.run_sync(lambda: self.engine.infer([item])))[0]
 
+    def check(self, has_image: bool) -> None:
+        """Raise ``Overloaded`` when the batcher would refuse such a request now (see ``Batcher.check``)."""
+        if self.batcher is not None:
+            self.batcher.check(has_image)
+
     async def status(self) -> dict[str, Any]:
-        return self.engine.status()
+        status = self.engine.status()
+        if self.batcher is not None:
+            status["queue"] = self.batcher.status()
+        return status
 
     async def reload(self, force: bool = True) -> dict[str, Any]:
         return await anyio.to_thread.run_sync(lambda: self.engine.refresh(force=force))

@@ -7,11 +7,13 @@ starts the model. So this is a plain ``grpcio`` server implementing the protocol
 messages and servicer base class that ``tritonclient`` ships (``tritonclient.grpc.service_pb2``),
 so NVIDIA's ``tritonclient.grpc`` talks to it like to Triton.
 
-It runs as a thread inside the model-runtime process and calls the same ``SegmentEngine`` as the
-HTTP API: one resident model, the same adapters, the same embedding cache and metrics. Prompts are
+It runs as threads inside the process that holds the model (the HTTP worker with one worker, else
+the model-runtime process) and queues its requests in the same ``Batcher`` as the HTTP API, so they
+share batches, the resident model, the adapters, the embedding cache and the metrics. Prompts are
 checked by the same ``prompts.validate_prompts`` as HTTP's, straight from the tensors' arrays.
 Errors become gRPC status codes in one place: handlers raise, ``ErrorInterceptor`` answers with
-``GRPC_CODES[kind]`` and the details ``[kind] message``.
+``GRPC_CODES[kind]`` and the details ``[kind] message``. An ``overloaded`` refusal (queue full) is
+UNAVAILABLE at once, with ``retry-after`` (seconds) in the trailing metadata.
 
 Model ``segment`` (version 1, no batch dimension: prompts and image sizes vary per request):
 
@@ -52,12 +54,14 @@ from .prompts import validate_prompts
 if TYPE_CHECKING:
     import grpc
 
+    from .batcher import Batcher
     from .engine import SegmentEngine
     from .metrics import Metrics
 
 log = logging.getLogger("wesam.service")
 
 MODEL = "segment"
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of an ``overloaded`` refusal, in seconds
 VERSION = "1"
 PLATFORM = "wesam_python"
 INPUTS = [  # name, datatype, dims (-1: variable)
@@ -262,7 +266,10 @@ def _error_interceptor_class():
                 except Exception as e:
                     if context.code() not in (None, grpc.StatusCode.OK):
                         raise  # the handler aborted the call itself
-                    code, details = grpc_status(to_service_error(e, f"gRPC {method}"))
+                    error = to_service_error(e, f"gRPC {method}")
+                    if error.retry_after is not None:  # as HTTP's Retry-After header
+                        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(error.retry_after)),))
+                    code, details = grpc_status(error)
                     context.abort(code, details)
 
             return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=handler.request_deserializer,
@@ -281,10 +288,12 @@ def _servicer_class():
     class KServeServicer(pbg.GRPCInferenceServiceServicer):
         """The KServe v2 calls; errors are raised and answered by ``ErrorInterceptor``."""
 
-        def __init__(self, engine: SegmentEngine, config: ServeConfig, metrics: Metrics | None = None) -> None:
+        def __init__(self, engine: SegmentEngine, config: ServeConfig, metrics: Metrics | None = None,
+                     batcher: Batcher | None = None) -> None:
             self.engine = engine
             self.config = config
             self.metrics = metrics
+            self.batcher = batcher
 
         # -- health and metadata -------------------------------------------------------------
         def ServerLive(self, request, context):
@@ -338,10 +347,15 @@ def _servicer_class():
             context.send_initial_metadata(((REQUEST_ID_KEY, meta.request_id),))
             try:
                 inputs = read_inputs(request, self.config.max_body_bytes)
+                if self.batcher is not None:  # refuse before decoding an image the model cannot take now
+                    self.batcher.check(has_image="IMAGE" in inputs)
                 item = build_item(inputs, self.config)
                 item.request_id, item.client, item.capture = meta.request_id, meta.client, meta.capture
                 label = domain_label(item.domain, self.engine.served_domains())
-                result = self.engine.infer([item])[0]
+                if self.batcher is not None:
+                    result = self.batcher.infer_sync(item, timeout=self.config.request_deadline_s)
+                else:
+                    result = self.engine.infer([item])[0]
                 if result.error is not None:
                     raise ServiceError.from_json(result.error)
                 adapter, label = result.adapter or "base", domain_label(result.domain)
@@ -386,15 +400,26 @@ def _servicer_class():
     return KServeServicer
 
 
+def handler_threads(config: ServeConfig) -> int:
+    """gRPC handler threads: one per request the batcher can hold (both lanes' queues and a running
+    batch each) plus a few. A handler waits for its request's answer, so with fewer threads the
+    calls beyond them would wait inside grpcio for a thread, unbounded and unseen by the batcher;
+    with these, every call reaches the batcher at once and is admitted or refused (UNAVAILABLE)."""
+    return 2 * config.max_queue + config.max_batch_size + config.runtime_threads + 4
+
+
 def start_grpc_server(engine: SegmentEngine, config: ServeConfig, metrics: Metrics | None = None,
-                      port: int | None = None) -> grpc.Server:
-    """Start the server on ``config.grpc_host:port``; returns the ``grpc.Server`` (call ``.stop()``)."""
+                      port: int | None = None, batcher: Batcher | None = None) -> grpc.Server:
+    """Start the server on ``config.grpc_host:port``; returns the ``grpc.Server`` (call ``.stop()``).
+
+    ``batcher``: queue inference there (the server); without it, calls run the engine directly.
+    """
     import grpc
     from tritonclient.grpc import service_pb2_grpc as pbg
 
     port = config.grpc_port if port is None else port
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(2, config.runtime_threads * 2), thread_name_prefix="wesam-grpc"),
+        futures.ThreadPoolExecutor(max_workers=handler_threads(config), thread_name_prefix="wesam-grpc"),
         options=[
             ("grpc.max_receive_message_length", config.max_body_bytes),
             ("grpc.max_send_message_length", max(config.max_mask_pixels * 2, 64 * 1024 * 1024)),
@@ -402,7 +427,7 @@ def start_grpc_server(engine: SegmentEngine, config: ServeConfig, metrics: Metri
             ("grpc.so_reuseport", 0),
         ],
         interceptors=[_error_interceptor_class()()])
-    pbg.add_GRPCInferenceServiceServicer_to_server(_servicer_class()(engine, config, metrics), server)
+    pbg.add_GRPCInferenceServiceServicer_to_server(_servicer_class()(engine, config, metrics, batcher), server)
     address = f"{config.grpc_host}:{port}"
     try:
         bound = server.add_insecure_port(address)

@@ -1,8 +1,13 @@
-"""What the HTTP front sends to the model runtime and gets back (pickled between the processes).
+"""What the HTTP front hands the model runtime and gets back (pickled when they are two processes).
 
-Plain pydantic models holding numpy arrays; the engine takes and returns them directly, so the
-gRPC endpoint and tests use the same types without a server. ``RuntimeClient`` is the front's
-view of the runtime process.
+Plain pydantic models holding bytes and numpy arrays; the engine takes and returns them directly,
+so the gRPC endpoint and tests use the same types without a server. ``RuntimeClient`` is the
+front's view of the runtime.
+
+The HTTP front sends the image as the client sent it (``image_bytes``: the encoded file, ~50 KB for
+a 480x640 JPEG, not 900 KB of pixels) and the output encoding it wants (``output``); the runtime
+decodes and hashes the image once, and answers with the masks already encoded (``encoded_masks``:
+RLE strings of a few KB instead of full-size boolean arrays).
 """
 
 from __future__ import annotations
@@ -41,18 +46,29 @@ class InferItem(BaseModel):
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
-    image: Any = None  # (H, W, 3) uint8
+    # The image, as one of: the encoded file (``image_bytes``, decoded once by the engine), or pixels
+    # (``image``, (H, W, 3) uint8: gRPC UINT8 tensors, in-process callers). Whoever sets
+    # ``content_hash`` has validated ``image`` (``codec.decode_image`` / ``check_pixels``) and hashed
+    # it (``codec.content_hash``): the engine validates and hashes pixels that come without one.
+    image: Any = None
+    image_bytes: bytes | None = None
     content_hash: str | None = None
     image_id: str | None = None
     domain: str | None = None
     prompts: PromptArrays | None = None
     multimask: bool = False
     return_logits: bool = False
+    # ``rle``/``png``/``polygons``: the engine answers with ``InferResult.encoded_masks`` in that
+    # encoding (the HTTP API's ``masks`` list) instead of arrays. None: arrays (gRPC, in-process).
+    output: str | None = None
     # Who asked, for capture (service/capture.py): the request id the answer carries, the client id
     # (X-Wesam-Client / x-wesam-client), and False when the request opted out (X-Wesam-Capture: off).
     request_id: str | None = None
     client: str | None = None
     capture: bool = True
+    # Time spent on the item before the engine answers it (``decode_image``, ``queue``); merged
+    # into ``InferResult.timings_ms``.
+    timings_ms: dict[str, float] = {}
 
 
 class InferResult(BaseModel):
@@ -69,6 +85,9 @@ class InferResult(BaseModel):
     scores: Any = None  # (N, M) float32
     logits: Any = None  # (N, M, H, W) float32, with return_logits
     low_res_logits: Any = None  # (N, M, L, L) float32, with return_logits
+    # With ``InferItem.output``: the HTTP answer's ``masks`` list, already encoded (the arrays above
+    # are then None: they never cross the process boundary).
+    encoded_masks: list[dict[str, Any]] | None = None
     timings_ms: dict[str, float] = {}
     error: dict[str, Any] | None = None
 

@@ -55,6 +55,9 @@ class Metrics:
                                         ["domain", "version"])
         self.adapter_active = Gauge("wesam_adapter_active_version", "Version served per domain (0: none)",
                                     ["domain"], multiprocess_mode="livemax")
+        self.queue_depth = Gauge("wesam_queue_depth", "Requests waiting for the model, by lane (encode: new "
+                                 "images; decode: prompt-only and cached images)", ["lane"],
+                                 multiprocess_mode="livesum")
         self._capture: tuple[Any, Any] | None = None  # created when capture is on (capture_metrics)
         self._capture_lock = threading.Lock()
 

@@ -8,11 +8,9 @@ the server (an SSRF surface), spool uploads to temporary files and answer some b
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from . import codec
@@ -32,7 +30,6 @@ class ParsedRequest:
 
     item: InferItem
     output: str = "rle"
-    decode_ms: float = 0.0
 
 
 async def read_fields(content_type: str, stream: AsyncIterator[bytes], headers: Any,
@@ -112,18 +109,25 @@ def _validate(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise BadRequest(f"invalid request: {problems}") from None
 
 
-def _image(raw: str | bytes | None, config: ServeConfig) -> tuple[np.ndarray | None, float]:
+def _image_bytes(raw: str | bytes | None, config: ServeConfig) -> bytes | None:
+    """The encoded image file (base64 decoded; a URL refused), for the runtime to decode once.
+
+    Only the byte size is checked here; format, header and pixel limits are checked where the file is
+    decoded (``SegmentEngine.prepare``), before any pixel is decoded.
+    """
     if raw is None:
-        return None, 0.0
-    t0 = time.perf_counter()
-    if isinstance(raw, str):
-        raw = codec.b64decode(raw, config.max_image_bytes)
-    image = codec.decode_image(raw, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels)
-    return image, (time.perf_counter() - t0) * 1000
+        return None
+    data = codec.b64decode(raw, config.max_image_bytes) if isinstance(raw, str) else raw
+    if not data:
+        raise InvalidImage("image is empty (0 bytes)")
+    if len(data) > config.max_image_bytes:
+        raise PayloadTooLarge(f"image is {len(data)} bytes, over the limit of {config.max_image_bytes}")
+    return data
 
 
 def parse_segment(fields: dict[str, Any], config: ServeConfig, *, form: bool = False) -> ParsedRequest:
-    """Validate a /segment body and decode its image (CPU work: call it off the event loop)."""
+    """Validate a /segment body (fields, prompts) and base64-decode its image; the runtime decodes
+    the image file and encodes the masks in the requested ``output``."""
     image_field = fields.get("image")
     if form:
         fields = {k: _form_value(k, v) for k, v in fields.items()}
@@ -136,11 +140,9 @@ def parse_segment(fields: dict[str, Any], config: ServeConfig, *, form: bool = F
         raise InvalidImage("`image` must be a base64 string (or a file part in multipart/form-data)")
     prompts = validate_prompts(config, boxes=req.boxes, points=req.points, point_labels=req.point_labels,
                                mask_input=req.mask_input)
-    image, decode_ms = _image(image_field, config)
-    item = InferItem(image=image, content_hash=codec.content_hash(image) if image is not None else None,
-                     image_id=req.image_id, domain=req.domain, prompts=prompts, multimask=req.multimask,
-                     return_logits=req.return_logits)
-    return ParsedRequest(item=item, output=req.output, decode_ms=decode_ms)
+    item = InferItem(image_bytes=_image_bytes(image_field, config), image_id=req.image_id, domain=req.domain,
+                     prompts=prompts, multimask=req.multimask, return_logits=req.return_logits, output=req.output)
+    return ParsedRequest(item=item, output=req.output)
 
 
 def parse_embed(fields: dict[str, Any], config: ServeConfig, *, form: bool = False) -> ParsedRequest:
@@ -152,6 +154,5 @@ def parse_embed(fields: dict[str, Any], config: ServeConfig, *, form: bool = Fal
         raise BadRequest("missing `image`")
     if not isinstance(image_field, (str, bytes)):
         raise InvalidImage("`image` must be a base64 string (or a file part in multipart/form-data)")
-    image, decode_ms = _image(image_field, config)
-    item = InferItem(image=image, content_hash=codec.content_hash(image), domain=req.domain)
-    return ParsedRequest(item=item, decode_ms=decode_ms)
+    item = InferItem(image_bytes=_image_bytes(image_field, config), domain=req.domain)
+    return ParsedRequest(item=item)

@@ -132,16 +132,18 @@ def test_parse_segment_layout() -> None:
     p = parse_segment({"image": _b64(img), "boxes": [[1, 2, 30, 40], [0, 0, 5, 5]], "points": [[3, 4]],
                        "point_labels": [1], "domain": "polyp"}, CONFIG)
     item = p.item
-    np.testing.assert_array_equal(item.image, img)
+    # the encoded file travels to the runtime, which decodes and hashes it once (engine.prepare)
+    assert item.image_bytes == encode(img) and item.image is None and item.content_hash is None
     assert item.prompts.boxes.shape == (2, 4) and item.prompts.point_coords.shape == (2, 1, 2)
     assert item.prompts.point_labels.tolist() == [[1], [1]] and item.domain == "polyp" and p.output == "rle"
-    assert item.content_hash == codec.content_hash(img)
+    assert item.output == "rle"  # the runtime encodes the masks
     only_points = parse_segment({"image_id": "abc", "points": [[3, 4], [5, 6]], "point_labels": [1, 0]}, CONFIG)
     assert only_points.item.prompts.point_coords.shape == (1, 2, 2) and only_points.item.image is None
     # multipart: a file part and JSON-encoded form fields
     form = parse_segment({"image": encode(img), "boxes": "[[1, 2, 30, 40]]", "multimask": "true",
                           "output": "png", "domain": "polyp"}, CONFIG, form=True)
     assert form.item.multimask and form.output == "png" and form.item.prompts.boxes.shape == (1, 4)
+    assert form.item.image_bytes == encode(img) and form.item.output == "png"
 
 
 @pytest.mark.parametrize("body, status, words", [
@@ -168,9 +170,15 @@ def test_parse_segment_errors(body: dict, status: int, words: str) -> None:
 
 
 def test_oversize_image_is_413() -> None:
+    # the pixel limit is read from the header where the file is decoded, before any pixel is decoded
+    item = parse_segment({"image": _b64(make_image(300, 300)), "boxes": [[1, 2, 3, 4]]}, CONFIG).item
     with pytest.raises(ServiceError) as e:
-        parse_segment({"image": _b64(make_image(300, 300)), "boxes": [[1, 2, 3, 4]]}, CONFIG)
+        codec.decode_image(item.image_bytes, max_bytes=CONFIG.max_image_bytes, max_pixels=CONFIG.max_image_pixels)
     assert e.value.status == 413 and "pixels" in e.value.message
+    with pytest.raises(ServiceError) as e:  # the byte limit already in the front
+        parse_segment({"image": base64.b64encode(b"x" * (CONFIG.max_image_bytes + 1)).decode(),
+                       "boxes": [[1, 2, 3, 4]]}, CONFIG)
+    assert e.value.status == 413 and "bytes" in e.value.message
 
 
 # -- prompts: one validation for HTTP and gRPC -------------------------------------------------------
@@ -678,3 +686,187 @@ def test_frontend_formats_answers_and_maps_runtime_failures(world) -> None:
                               (BentoMLException("bug", error_code=HTTPStatus.INTERNAL_SERVER_ERROR), 500, "internal")):
         got = anyio.run(Frontend(engine.config, Failing(exc)).segment, {"image": _b64(img), "boxes": [[1, 1, 5, 5]]})
         assert (got[0], got[1]["kind"]) == (status, kind)
+
+
+# -- the transport between the front and the model: what the runtime receives and answers -----------
+
+def test_the_runtime_receives_the_file_and_answers_encoded_masks(world) -> None:
+    """The front sends the client's encoded file, not pixels, and the runtime answers the masks
+    already encoded: what crosses the process boundary (pickled, as BentoML sends it) is small."""
+    import pickle
+
+    import anyio
+
+    from wesam.service.front import Frontend, LocalRuntime
+
+    class Recording(LocalRuntime):
+        """The real in-process runtime, recording each call as the runtime process would receive it."""
+
+        def __init__(self, engine: SegmentEngine) -> None:
+            super().__init__(engine)
+            self.received: list[InferItem] = []
+            self.answered: list = []
+
+        async def infer(self, items):
+            items = pickle.loads(pickle.dumps(items))  # what reaches the other process
+            self.received.extend(pickle.loads(pickle.dumps(items)))
+            results = [pickle.loads(pickle.dumps(r)) for r in await super().infer(items)]  # and comes back
+            self.answered.extend(results)
+            return results
+
+        async def decode(self, item):
+            return (await self.infer([item]))[0]
+
+    engine = _engine(world)
+    rec = Recording(engine)
+    front = Frontend(engine.config, rec)
+    img = make_image(480, 640, seed=11)
+    jpeg = encode(img, "JPEG")
+    status, body = anyio.run(front.segment, {"image": base64.b64encode(jpeg).decode(), "boxes": [[80, 60, 500, 400]],
+                                             "domain": "polyp"})
+    assert status == 200, body
+    (item,), (result,) = rec.received, rec.answered
+    assert item.image_bytes == jpeg and item.image is None and item.content_hash is None and item.output == "rle"
+    assert len(pickle.dumps(item)) < len(jpeg) + 4096 < img.nbytes // 4  # the file, not 900 KB of pixels
+    assert result.masks is None and result.logits is None and result.encoded_masks == body["masks"]
+    assert len(pickle.dumps(result)) < 16384  # RLE strings, not a 480x640 boolean array
+    # decoded once, in the runtime: the answer is the predictor's on the decoded pixels
+    pixels = codec.decode_image(jpeg, **LIMITS | {"max_pixels": 1 << 20})
+    want = SamPredictorCore(reference_model(world[0], world[1], "polyp@v1").sam).predict(
+        pixels, Prompts(boxes=np.array([[80, 60, 500, 400]])))
+    np.testing.assert_array_equal(codec.rle_decode(body["masks"][0]["rle"]), want.masks[0, 0])
+    assert body["timings_ms"]["decode_image"] > 0 and not body["cached"]
+    # the same file again: recognised by its bytes, its cached embedding used without decoding it again
+    status, again = anyio.run(front.segment, {"image": base64.b64encode(jpeg).decode(), "boxes": [[80, 60, 500, 400]],
+                                              "domain": "polyp"})
+    assert status == 200 and again["cached"] and again["image_id"] == body["image_id"]
+    assert "decode_image" not in again["timings_ms"]
+    # (the same embedding; the decoder's float sums may differ in the last bit from the first call's)
+    assert (codec.rle_decode(again["masks"][0]["rle"]) == codec.rle_decode(body["masks"][0]["rle"])).mean() > 0.999
+    # the same pixels in another file format: decoded (new bytes), but the same embedding and image_id
+    status, png = anyio.run(front.segment, {"image": base64.b64encode(encode(pixels, "PNG")).decode(),
+                                            "boxes": [[80, 60, 500, 400]], "domain": "polyp"})
+    assert status == 200 and png["cached"] and png["image_id"] == body["image_id"]
+    assert png["timings_ms"]["decode_image"] > 0
+    # another output format is encoded by the runtime too; logits travel as .npy
+    status, out = anyio.run(front.segment, {"image_id": body["image_id"], "boxes": [[80, 60, 500, 400]],
+                                            "output": "png", "return_logits": True})
+    assert status == 200 and {"png", "logits", "low_res_logits"} <= set(out["masks"][0])
+    assert rec.answered[-1].encoded_masks == out["masks"]
+
+
+def test_a_bad_file_is_refused_where_it_is_decoded(world) -> None:
+    engine = _engine(world, max_image_pixels=64 * 64)
+    for data, status, words in ((b"not an image", 400, "supported format"), (_png_with_size(5000, 5000), 413, "pixels"),
+                                (encode(make_image())[:200], 400, "cannot decode")):
+        (res,) = engine.infer([InferItem(image_bytes=data, prompts=PromptArrays(boxes=BOX))])
+        assert res.error["status"] == status and words in res.error["error"], res.error
+
+
+# -- the batcher: bounded admission, lanes, cancellation ---------------------------------------------
+
+def _wait_until(predicate, what: str, timeout: float = 60.0) -> None:
+    """Wait for a state of another thread (not a timing assertion: fails only if it never happens)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"never happened: {what}")
+        time.sleep(0.005)
+
+
+def test_the_batcher_refuses_at_once_beyond_its_queue_bound(world) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wesam.service.batcher import Batcher
+
+    engine = _engine(world)
+    batcher = Batcher(engine, dataclasses.replace(engine.config, max_queue=1, runtime_threads=2))
+    (emb,) = engine.infer([InferItem(image=make_image(seed=40))])
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            with engine.lock:  # the encoder thread blocks on the model lock with the first request
+                first = pool.submit(batcher.infer_sync, InferItem(image=make_image(seed=41),
+                                                                  prompts=PromptArrays(boxes=BOX)))
+                _wait_until(lambda: batcher.status()["encode"]["running"] == 1, "first request running")
+                second = pool.submit(batcher.infer_sync, InferItem(image=make_image(seed=42),
+                                                                   prompts=PromptArrays(boxes=BOX)))
+                _wait_until(lambda: batcher.status()["encode"]["waiting"] == 1, "second request queued")
+                third = batcher.infer_sync(InferItem(image=make_image(seed=43), prompts=PromptArrays(boxes=BOX)))
+                assert third.error["kind"] == "overloaded" and third.error["status"] == 503
+                assert third.error["retry_after"] >= 1 and "already wait" in third.error["error"]
+                # prompt-only requests have their own lane and thread: served while the encoder is busy
+                quick = batcher.infer_sync(InferItem(image_id=emb.image_id, prompts=PromptArrays(boxes=BOX)))
+                assert quick.error is None and quick.cached and quick.masks.shape == (1, 1, 48, 64)
+            assert first.result().error is None and second.result().error is None
+        status = batcher.status()
+        assert status["encode"]["refused"] == 1 and status["encode"]["served"] == 2 and status["decode"]["served"] == 1
+        assert status["encode"]["waiting"] == status["encode"]["running"] == 0
+    finally:
+        batcher.close()
+    closed = batcher.infer_sync(InferItem(image=make_image(), prompts=PromptArrays(boxes=BOX)))
+    assert closed.error["kind"] == "overloaded" and "shutting down" in closed.error["error"]
+
+
+def test_a_request_given_up_while_queued_is_never_computed(world) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio
+
+    from wesam.service.batcher import Batcher
+
+    engine = _engine(world)
+    batcher = Batcher(engine, dataclasses.replace(engine.config, max_queue=4, runtime_threads=2))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with engine.lock:
+                first = pool.submit(batcher.infer_sync, InferItem(image=make_image(seed=50),
+                                                                  prompts=PromptArrays(boxes=BOX)))
+                _wait_until(lambda: batcher.status()["encode"]["running"] == 1, "first request running")
+                late = batcher.infer_sync(InferItem(image=make_image(seed=51), prompts=PromptArrays(boxes=BOX)),
+                                          timeout=0.05)  # the caller's deadline passes while it waits
+                assert late.error["kind"] == "overloaded" and "within" in late.error["error"]
+
+                async def give_up() -> None:  # the HTTP front's deadline, on the asyncio path
+                    with anyio.move_on_after(0.05):
+                        await batcher.infer(InferItem(image=make_image(seed=52), prompts=PromptArrays(boxes=BOX)))
+                        pytest.fail("answered while the model was blocked")
+
+                anyio.run(give_up)
+            assert first.result().error is None
+        _wait_until(lambda: batcher.status()["encode"]["waiting"] == 0, "queue drained")
+        assert batcher.status()["encode"]["served"] == 1 and len(engine.cache) == 1  # the late ones were dropped
+    finally:
+        batcher.close()
+
+
+def test_http_and_grpc_requests_share_batches_grouped_by_adapter(world) -> None:
+    """Requests queued together (from any protocol) form one batch that the engine splits by adapter."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wesam.service.batcher import Batcher
+
+    engine = _engine(world)
+    reference = _engine(world)
+    batcher = Batcher(engine, dataclasses.replace(engine.config, max_batch_size=8, runtime_threads=2))
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            with engine.lock:
+                blocker = pool.submit(batcher.infer_sync, InferItem(image=make_image(seed=60),
+                                                                    prompts=PromptArrays(boxes=BOX)))
+                _wait_until(lambda: batcher.status()["encode"]["running"] == 1, "first request running")
+                items = [InferItem(image=make_image(seed=61 + i), domain=d, prompts=PromptArrays(boxes=BOX))
+                         for i, d in enumerate((None, "polyp", "skin", "polyp"))]
+                futures = [pool.submit(batcher.infer_sync, item) for item in items]
+                _wait_until(lambda: batcher.status()["encode"]["waiting"] == 4, "four requests queued")
+            results = [f.result() for f in futures]
+            assert blocker.result().error is None
+        assert [r.adapter for r in results] == ["base", "polyp@v1", "skin@v1", "polyp@v1"]
+        status = batcher.status()["encode"]
+        assert (status["served"], status["batches"]) == (5, 2)  # the blocker alone, then the four in one batch
+        for item, got in zip(items, results):
+            (want,) = reference.infer([InferItem(image=item.image, domain=item.domain, prompts=item.prompts)])
+            np.testing.assert_array_equal(got.masks, want.masks)
+    finally:
+        batcher.close()

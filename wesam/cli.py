@@ -410,7 +410,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
-           "serve": "wesam.bench.serve", "export": "wesam.bench.export_speed",
+           "serve": "wesam.bench.serve", "load": "wesam.bench.load", "export": "wesam.bench.export_speed",
            "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online"}
 
 
