@@ -1,5 +1,6 @@
-"""Administration over HTTP: adapters (list, reload, activate: roll forward or back) and captured
-samples (stats, delete a request's sample, delete a client's samples).
+"""Administration over HTTP: adapters (list, reload, activate: roll forward or back), the online
+worker's controls (read, pin, unpin, freeze, unfreeze, rollback, lineage) and captured samples
+(stats, delete a request's sample, delete a client's samples).
 
 A FastAPI app mounted into the BentoML service (BentoML only routes POST to ``@bentoml.api``
 methods and has no path parameters; mounted FastAPI routes also appear in its OpenAPI document).
@@ -27,6 +28,20 @@ if TYPE_CHECKING:
 
 class ActivateBody(BaseModel):
     version: int | str = Field(description="vN or N", examples=["v2"])
+
+
+class PinBody(BaseModel):
+    version: int | str = Field(description="vN or N: the version the online worker anchors to and resets to",
+                               examples=["v2"])
+
+
+class FreezeBody(BaseModel):
+    reason: str | None = Field(None, description="why (shown by the controls, the lineage and the worker's log)")
+
+
+class RollbackBody(BaseModel):
+    freeze: bool = Field(True, description="freeze the domain first, so the worker does not publish again")
+    reason: str | None = Field(None, description="the freeze's reason (default: rolled back from vM to vN)")
 
 
 def check_admin(authorization: str | None, token: str | None) -> None:
@@ -118,6 +133,75 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
         if "error" in out and "kind" in out:
             raise ServiceError.from_json(out)
         return JSONResponse(out)
+
+    # -- the online worker's controls (docs/online.md, "Operating the worker")
+    @app.get("/adapters/{domain}/control", response_model=None, tags=["worker"],
+             summary="The online worker's controls of a domain: pinned version, frozen and why")
+    async def worker_control(domain: str):
+        try:
+            return await answer("worker_control", domain, "control", None)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.get("/adapters/{domain}/lineage", response_model=None, tags=["worker"],
+             summary="The active version's ancestry: parents, samples, gate results")
+    async def worker_lineage(domain: str):
+        try:
+            return await answer("worker_control", domain, "lineage", None)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.post("/adapters/{domain}/pin", response_model=None, tags=["worker"],
+              summary="Anchor the domain's online worker to a version (admin token)")
+    async def worker_pin(domain: str, body: PinBody,
+                         authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("worker_control", domain, "pin", {"version": parse_version(body.version)})
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.post("/adapters/{domain}/unpin", response_model=None, tags=["worker"],
+              summary="Anchor the worker to the version active when it starts (admin token)")
+    async def worker_unpin(domain: str,
+                           authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("worker_control", domain, "unpin", None)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.post("/adapters/{domain}/freeze", response_model=None, tags=["worker"],
+              summary="Stop the worker's rounds and publications for a domain (admin token)")
+    async def worker_freeze(domain: str, body: FreezeBody | None = None,
+                            authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("worker_control", domain, "freeze", {"reason": body.reason if body else None})
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.post("/adapters/{domain}/unfreeze", response_model=None, tags=["worker"],
+              summary="Let the worker run and publish again (admin token)")
+    async def worker_unfreeze(domain: str,
+                              authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            return await answer("worker_control", domain, "unfreeze", None)
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.post("/adapters/{domain}/rollback", response_model=None, tags=["worker"],
+              summary="Serve the active version's lineage parent (else the previous version) and freeze the "
+                      "domain (admin token); the target must load first, as for activate")
+    async def worker_rollback(domain: str, body: RollbackBody | None = None,
+                              authorization: str | None = Header(None, description="Bearer <admin token>")):
+        try:
+            check_admin(authorization, token)
+            body = body or RollbackBody()
+            return await answer("worker_control", domain, "rollback", {"freeze": body.freeze, "reason": body.reason})
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
 
     @app.get("/capture/stats", response_model=None, tags=["capture"],
              summary="Captured samples per domain in the store, capture queue, outcomes since start (admin token)")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from wesam.adapters.online import control as ctl
 from wesam.adapters.ref import AdapterRef
 from wesam.errors import WesamError
 from wesam.sam.predictor import ImageEmbedding, Prompts
@@ -27,8 +28,8 @@ from wesam.sam.predictor import ImageEmbedding, Prompts
 from . import codec
 from .cache import CacheEntry, EmbeddingCache
 from .config import ServeConfig
-from .errors import (BadRequest, CaptureDisabled, DomainMismatch, Internal, InvalidPrompt, PayloadTooLarge,
-                     UnknownImageId, to_service_error)
+from .errors import (BadRequest, CaptureDisabled, DomainMismatch, Internal, InvalidPrompt, NoRegistry,
+                     PayloadTooLarge, UnknownDomain, UnknownImageId, to_service_error)
 from .messages import InferItem, InferResult
 from .router import AdapterRouter, Route
 from .runtime import AdapterHandle, ModelRuntime
@@ -154,6 +155,45 @@ class SegmentEngine:
     def activate(self, domain: str, version: int) -> dict[str, Any]:
         with self.lock:
             return self.router.activate(domain, version)
+
+    def worker_control(self, domain: str, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The online worker's operator controls (``adapters/online/control.py``) on this server's
+        registry: ``control`` (read), ``pin`` (``version``), ``unpin``, ``freeze`` (``reason``),
+        ``unfreeze``, ``rollback`` (``freeze``, ``reason``) and ``lineage``.
+
+        A rollback freezes the domain first (unless ``freeze`` is false), so the worker cannot
+        publish between the switch and the freeze, then activates the target through
+        :meth:`activate`: the version must load here before it is routed, as for any activation.
+        """
+        registry = self.router.registry
+        if registry is None:
+            raise NoRegistry("no registry configured")
+        if not registry.versions(domain):
+            raise UnknownDomain(f"no domain {domain!r} in registry {registry.root}")
+        params = params or {}
+        if action == "lineage":
+            return {"domain": domain, "active": registry.active_version(domain),
+                    "chain": ctl.lineage_chain(registry, domain)}
+        if action == "rollback":
+            target = ctl.rollback_target(registry, domain)  # refuses before anything changes
+            active = registry.active_version(domain)
+            if params.get("freeze", True):
+                ctl.freeze(registry, domain, params.get("reason") or f"rolled back from v{active} to v{target}")
+            answer = self.activate(domain, target)
+            return {**answer, "control": dataclasses.asdict(ctl.read_control(registry, domain))}
+        if action == "pin":
+            state = ctl.pin(registry, domain, int(params["version"]))
+        elif action == "unpin":
+            state = ctl.unpin(registry, domain)
+        elif action == "freeze":
+            state = ctl.freeze(registry, domain, params.get("reason"))
+        elif action == "unfreeze":
+            state = ctl.unfreeze(registry, domain)
+        elif action == "control":
+            state = ctl.read_control(registry, domain)
+        else:
+            raise BadRequest(f"unknown worker control {action!r}")
+        return {"domain": domain, "control": dataclasses.asdict(state)}
 
     def served_domains(self) -> set[str]:
         return set(self.router.slots)

@@ -128,6 +128,13 @@ class SamRuntime:
             return to_service_error(e).to_json()
 
     @bentoml.api
+    def worker_control(self, domain: str, action: str, params: dict | None = None) -> dict:
+        try:
+            return self.engine.worker_control(domain, action, params)
+        except WesamError as e:
+            return to_service_error(e).to_json()
+
+    @bentoml.api
     def capture_stats(self) -> dict:
         try:
             return self.engine.capture_stats()
@@ -227,6 +234,9 @@ class _RuntimeClient:
 
     async def activate(self, domain: str, version: int) -> dict:
         return await self.proxy.to_async.activate(domain, version)
+
+    async def worker_control(self, domain: str, action: str, params: dict | None = None) -> dict:
+        return await self.proxy.to_async.worker_control(domain, action, params)
 
     async def capture_stats(self) -> dict:
         return await self.proxy.to_async.capture_stats()

@@ -272,6 +272,46 @@ def test_activate_and_rollback_need_the_token(served: Served) -> None:
     assert body["adapter"] == "polyp@v1"
 
 
+def test_worker_controls_over_the_admin_api(served: Served) -> None:
+    """Pin, freeze, rollback and lineage of the online worker, as `wesam adapters` does them."""
+    c = served.client
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert c.get("/adapters/polyp/control").json()["control"]["frozen"] is False
+    assert c.post("/adapters/polyp/pin", json={"version": "v2"}).status_code == 401
+    assert c.post("/adapters/polyp/freeze", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert c.get("/adapters/lung/control").status_code == 404
+    try:
+        r = c.post("/adapters/polyp/pin", json={"version": "v2"}, headers=auth)
+        assert r.status_code == 200 and r.json()["control"]["pinned"] == 2, r.text
+        r = c.post("/adapters/polyp/pin", json={"version": "v9"}, headers=auth)
+        assert r.status_code >= 400 and r.json()["kind"] == "adapter", r.text
+        r = c.post("/adapters/polyp/freeze", json={"reason": "audit"}, headers=auth)
+        assert r.json()["control"]["frozen"] is True and r.json()["control"]["reason"] == "audit"
+        assert c.post("/adapters/polyp/unfreeze", headers=auth).json()["control"]["frozen"] is False
+        # Nothing older than v1 to roll back to: refused, nothing changes.
+        assert Registry(served.registry).active_version("polyp") == 1
+        r = c.post("/adapters/polyp/rollback", headers=auth)
+        assert r.status_code >= 400 and r.json()["kind"] == "adapter", r.text
+        assert c.get("/adapters/polyp/control").json()["control"]["frozen"] is False
+        # From v2 the rollback serves v1 at once and freezes the domain.
+        assert c.post("/adapters/polyp/activate", json={"version": "v2"}, headers=auth).status_code == 200
+        r = c.post("/adapters/polyp/rollback", headers=auth)
+        assert r.status_code == 200, r.text
+        assert r.json()["serving"] == "polyp@v1" and r.json()["previous"] == "polyp@v2"
+        assert r.json()["control"]["frozen"] and "v2 to v1" in r.json()["control"]["reason"]
+        body = c.post("/segment", json={"image": _b64(make_image(seed=3)), "boxes": [BOX], "domain": "polyp"}).json()
+        assert body["adapter"] == "polyp@v1"
+        chain = c.get("/adapters/polyp/lineage").json()["chain"]
+        assert [row["adapter"] for row in chain] == ["polyp@v1"]  # made by `wesam adapt`: a root
+    finally:
+        c.post("/adapters/polyp/activate", json={"version": "v1"}, headers=auth)
+        c.post("/adapters/polyp/unfreeze", headers=auth)
+        c.post("/adapters/polyp/unpin", headers=auth)
+    assert c.get("/adapters/polyp/control").json()["control"] == {
+        "pinned": None, "frozen": False, "reason": None,
+        "updated": c.get("/adapters/polyp/control").json()["control"]["updated"]}
+
+
 def _wait_for(served: Served, domain: str, ref: str) -> None:
     deadline = time.monotonic() + 60
     domains: dict = {}
