@@ -106,7 +106,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n, warm, conc = args.requests, args.warmup, args.concurrency
     # Fresh images for every measured request of every phase: a repeated image would hit the cache.
     # in-process, full, cached (1), gRPC, one client, `conc` clients
-    pool = _images(4 * n + 3 * warm + 1 + conc * _per_client(n, conc), size, args.seed)
+    # + capture off / on, interleaved (2 n + 2 warm)
+    pool = _images(6 * n + 5 * warm + 1 + conc * _per_client(n, conc), size, args.seed)
     payloads = [_encoded_b64(im, args.format) for im in pool]
     box = _box(size)
     cursor = iter(range(len(pool)))
@@ -181,6 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             before = _batch_totals(client.get("/metrics").text)
             many = throughput(conc)
             after = _batch_totals(client.get("/metrics").text)
+
+            capture = None
+            if not args.no_capture and server is not None:
+                capture = _capture_rows(config, args, client, [payloads[next(cursor)] for _ in range(2 * (n + warm))],
+                                        box, n, warm)
     finally:
         if server is not None:
             server.cleanup()
@@ -200,8 +206,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrency_speedup": many["throughput_rps"] / one["throughput_rps"],
         "throughput_vs_in_process": many["throughput_rps"] / inproc["throughput_rps"],
         "mean_runtime_batch": batch_sum / batch_count if batch_count else None,
+        "capture": capture,
         "torch_version": torch.__version__,
     }
+
+
+def _capture_rows(config: Any, args: argparse.Namespace, off_client: Any, payloads: list[str], box: list[float],
+                  n: int, warm: int) -> dict[str, Any]:
+    """Full requests to the server without capture and to a second one that captures every request
+    (base domain, rate 1, no caps, into SQLite), alternated request by request so that both see the
+    same machine state: the capture thread's encoding and writing run between requests."""
+    import dataclasses
+    import tempfile
+
+    import httpx
+
+    from wesam.service.launch import ServerProcess, free_port
+
+    with tempfile.TemporaryDirectory(prefix="wesam-bench-capture-") as tmp:
+        store = str(pathlib.Path(tmp) / "samples.db")
+        on_config = dataclasses.replace(config, grpc_port=None if config.grpc_port is None else free_port(),
+                                        capture_store=store, capture_domains=("base",), capture_rate=1.0,
+                                        capture_domain_cap=0, capture_client_cap=0, admin_token="wesam-bench")
+        print(f"service, capture off / on (alternating): {n} each", file=sys.stderr)
+        on_server = ServerProcess(on_config).start(timeout=args.start_timeout)
+        try:
+            with httpx.Client(base_url=on_server.url, timeout=300) as on_client:
+                lat: dict[str, list[float]] = {"off": [], "on": []}
+                t_start = time.perf_counter()
+                for i in range(n + warm):
+                    for key, c, payload in (("off", off_client, payloads[2 * i]), ("on", on_client, payloads[2 * i + 1])):
+                        t0 = time.perf_counter()
+                        r = c.post("/segment", json={"image": payload, "boxes": [box]})
+                        if r.status_code != 200:
+                            raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+                        if i >= warm:
+                            lat[key].append((time.perf_counter() - t0) * 1000)
+                wall = time.perf_counter() - t_start
+                time.sleep(1.0)  # let the capture thread write what it still holds
+                stats = on_client.get("/capture/stats", headers={"Authorization": "Bearer wesam-bench"}).json()
+        finally:
+            on_server.cleanup()
+    off, on = _summary(lat["off"], wall / 2), _summary(lat["on"], wall / 2)
+    return {"off": off, "on": on, "p50_ratio": on["p50_ms"] / off["p50_ms"], "store_stats": stats}
 
 
 def _per_client(n: int, clients: int) -> int:
@@ -262,6 +309,10 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
         "| what | p50 ms | p95 ms | req/s |",
         "|---|---:|---:|---:|",
     ]
+    cap = result.get("capture")
+    if cap:
+        rows += [("service `/segment`, new image, capture off (alternating with the next row)", cap["off"]),
+                 ("service `/segment`, new image, capture on (every request stored, SQLite)", cap["on"])]
     lines += [f"| {name} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['throughput_rps']:.1f} |" for name, r in rows]
     batch = result["mean_runtime_batch"]
     lines += [
@@ -271,7 +322,8 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
         f"Cached prompt-only speed-up (p50 full / p50 cached): x{result['cached_speedup']:.2f}. "
         f"Throughput {concurrency} clients / 1 client: x{result['concurrency_speedup']:.2f}"
         + (f" (mean encoder batch {batch:.2f} requests)" if batch else "")
-        + f"; {concurrency} clients / in-process sequential: x{result['throughput_vs_in_process']:.2f}.",
+        + f"; {concurrency} clients / in-process sequential: x{result['throughput_vs_in_process']:.2f}."
+        + (f" Capture on / off (p50): x{cap['p50_ratio']:.3f}." if cap else ""),
     ]
     return "\n".join(lines)
 
@@ -305,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="benchmark this running server (of --model) instead of starting one")
     p.add_argument("--grpc-url", help="with --url: its gRPC endpoint (host:port) for the gRPC row")
     p.add_argument("--no-grpc", action="store_true", help="skip the gRPC row")
+    p.add_argument("--no-capture", action="store_true",
+                   help="skip the capture off/on rows (a second server that stores every request)")
     p.add_argument("--start-timeout", type=float, default=300.0)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", default="bench/serve.json", help="write the results here (default bench/serve.json)")
     p.add_argument("--no-results", action="store_true", help="do not update bench/RESULTS.md")
     args = p.parse_args(argv)
     if args.requests < 1 or args.warmup < 0 or args.concurrency < 2:

@@ -84,6 +84,11 @@ def test_bench_serve_runs_on_sam_micro(tmp_path: Path) -> None:
     md = serve.markdown(result, 2)
     assert "| service `/segment`, cached `image_id`, 1 box |" in md and "overhead" in md and "(gRPC: x" in md
     assert "| gRPC `ModelInfer`, new image (file as BYTES), 1 box |" in md
+    # capture off and on, side by side; the capturing server stored every measured request
+    cap = result["capture"]
+    assert cap["off"]["requests"] == cap["on"]["requests"] == 3 and cap["p50_ratio"] > 0
+    assert cap["store_stats"]["samples"] == {"base": 4}  # 3 measured + 1 warm-up: every request stored
+    assert "capture on (every request stored" in md and "Capture on / off (p50)" in md
 
 
 def test_bench_load_runs_on_sam_micro(tmp_path: Path) -> None:
