@@ -107,11 +107,14 @@ def _metric(text: str, name: str, **labels: str) -> float:
 def test_a_flood_gets_answers_or_quick_refusals_never_timeouts(server: ServerProcess) -> None:
     http_answers: list[HttpAnswer] = []
     grpc_answers: list[GrpcAnswer] = []
-    for round_no in range(MAX_ROUNDS):  # until both protocols have met the bound at least once
+    # Until each protocol has met the bound and been served at least once: both protocols share one
+    # queue, so in a single flood either may take every admitted place.
+    for round_no in range(MAX_ROUNDS):
         h, g = _flood_round(server, round_no)
         http_answers += h
         grpc_answers += g
-        if any(a.status == 503 for a in http_answers) and any(a.code != "OK" for a in grpc_answers):
+        if ({a.status == 200 for a in http_answers} == {True, False}
+                and {a.code == "OK" for a in grpc_answers} == {True, False}):
             break
     refused = [a for a in http_answers if a.status != 200]
     assert refused and len(refused) < len(http_answers), [a.status for a in http_answers]
