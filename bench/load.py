@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import json
 import os
 import pathlib
 import random
@@ -487,15 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, RuntimeError, TimeoutError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = markdown(result)
-    print(md)
-    if args.json:
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_results:
-        from wesam.bench.results import write_section
+    from wesam.bench.results import report
 
-        write_section("load", md)
+    report("load", markdown(result), result, args.json, update_results=not args.no_results)
     return 0
 
 

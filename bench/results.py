@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,3 +37,15 @@ def write_section(name: str, markdown: str, path: Path = RESULTS) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def report(section: str, markdown: str, result: dict[str, Any], json_path: str | Path | None,
+           update_results: bool = True) -> None:
+    """What a benchmark does with its figures: print the markdown, write the JSON (if a path is
+    given) and, unless told not to, replace its section of bench/RESULTS.md."""
+    print(markdown)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+    if update_results:
+        write_section(section, markdown)

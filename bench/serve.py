@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import pathlib
 import statistics
 import sys
@@ -373,15 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, RuntimeError, TimeoutError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = markdown(result, args.concurrency)
-    print(md)
-    if args.json:
-        pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        pathlib.Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_results:
-        from wesam.bench.results import write_section
+    from wesam.bench.results import report
 
-        write_section("serve", md)
+    report("serve", markdown(result, args.concurrency), result, args.json, update_results=not args.no_results)
     return 0
 
 
