@@ -135,73 +135,58 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
         return JSONResponse(out)
 
     # -- the online worker's controls (docs/online.md, "Operating the worker")
+    async def worker(domain: str, action: str, authorization: str | None = None, admin: bool = True,
+                     params: Callable[[], dict[str, Any] | None] = lambda: None) -> Any:
+        """One control through the runtime: the token first (when ``admin``), then the body's
+        parameters (``params`` may refuse them), every failure a JSON error with its kind."""
+        try:
+            if admin:
+                check_admin(authorization, token)
+            return await answer("worker_control", domain, action, params())
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
     @app.get("/adapters/{domain}/control", response_model=None, tags=["worker"],
              summary="The online worker's controls of a domain: pinned version, frozen and why")
     async def worker_control(domain: str):
-        try:
-            return await answer("worker_control", domain, "control", None)
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "control", admin=False)
 
     @app.get("/adapters/{domain}/lineage", response_model=None, tags=["worker"],
              summary="The active version's ancestry: parents, samples, gate results")
     async def worker_lineage(domain: str):
-        try:
-            return await answer("worker_control", domain, "lineage", None)
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "lineage", admin=False)
 
     @app.post("/adapters/{domain}/pin", response_model=None, tags=["worker"],
               summary="Anchor the domain's online worker to a version (admin token)")
     async def worker_pin(domain: str, body: PinBody,
                          authorization: str | None = Header(None, description="Bearer <admin token>")):
-        try:
-            check_admin(authorization, token)
-            return await answer("worker_control", domain, "pin", {"version": parse_version(body.version)})
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "pin", authorization, params=lambda: {"version": parse_version(body.version)})
 
     @app.post("/adapters/{domain}/unpin", response_model=None, tags=["worker"],
               summary="Anchor the worker to the version active when it starts (admin token)")
     async def worker_unpin(domain: str,
                            authorization: str | None = Header(None, description="Bearer <admin token>")):
-        try:
-            check_admin(authorization, token)
-            return await answer("worker_control", domain, "unpin", None)
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "unpin", authorization)
 
     @app.post("/adapters/{domain}/freeze", response_model=None, tags=["worker"],
               summary="Stop the worker's rounds and publications for a domain (admin token)")
     async def worker_freeze(domain: str, body: FreezeBody | None = None,
                             authorization: str | None = Header(None, description="Bearer <admin token>")):
-        try:
-            check_admin(authorization, token)
-            return await answer("worker_control", domain, "freeze", {"reason": body.reason if body else None})
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "freeze", authorization, params=lambda: {"reason": body.reason if body else None})
 
     @app.post("/adapters/{domain}/unfreeze", response_model=None, tags=["worker"],
               summary="Let the worker run and publish again (admin token)")
     async def worker_unfreeze(domain: str,
                               authorization: str | None = Header(None, description="Bearer <admin token>")):
-        try:
-            check_admin(authorization, token)
-            return await answer("worker_control", domain, "unfreeze", None)
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        return await worker(domain, "unfreeze", authorization)
 
     @app.post("/adapters/{domain}/rollback", response_model=None, tags=["worker"],
               summary="Serve the active version's lineage parent (else the previous version) and freeze the "
                       "domain (admin token); the target must load first, as for activate")
     async def worker_rollback(domain: str, body: RollbackBody | None = None,
                               authorization: str | None = Header(None, description="Bearer <admin token>")):
-        try:
-            check_admin(authorization, token)
-            body = body or RollbackBody()
-            return await answer("worker_control", domain, "rollback", {"freeze": body.freeze, "reason": body.reason})
-        except Exception as e:  # every failure is a JSON error with its kind
-            return error(e)
+        rb = body or RollbackBody()
+        return await worker(domain, "rollback", authorization, params=lambda: {"freeze": rb.freeze, "reason": rb.reason})
 
     @app.get("/capture/stats", response_model=None, tags=["capture"],
              summary="Captured samples per domain in the store, capture queue, outcomes since start (admin token)")
