@@ -172,7 +172,8 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
               summary="Stop the worker's rounds and publications for a domain (admin token)")
     async def worker_freeze(domain: str, body: FreezeBody | None = None,
                             authorization: str | None = Header(None, description="Bearer <admin token>")):
-        return await worker(domain, "freeze", authorization, params=lambda: {"reason": body.reason if body else None})
+        return await worker(domain, "freeze", authorization,
+                            params=lambda: {"reason": body.reason if body else None})
 
     @app.post("/adapters/{domain}/unfreeze", response_model=None, tags=["worker"],
               summary="Let the worker run and publish again (admin token)")
