@@ -187,7 +187,8 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
     async def worker_rollback(domain: str, body: RollbackBody | None = None,
                               authorization: str | None = Header(None, description="Bearer <admin token>")):
         rb = body or RollbackBody()
-        return await worker(domain, "rollback", authorization, params=lambda: {"freeze": rb.freeze, "reason": rb.reason})
+        return await worker(domain, "rollback", authorization,
+                            params=lambda: {"freeze": rb.freeze, "reason": rb.reason})
 
     @app.get("/capture/stats", response_model=None, tags=["capture"],
              summary="Captured samples per domain in the store, capture queue, outcomes since start (admin token)")
