@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             decoder = []
             for n in args.prompts:
                 corners = np.sort(rng.uniform(0, [size[1], size[0]], (n, 2, 2)), axis=1).astype(np.float32)
-                feeds = decoder_feeds(emb, Prompts(boxes=corners.reshape(n, 4)), size, model.config.low_res_size)
+                feeds = decoder_feeds(emb, Prompts(boxes=corners.reshape(n, 4)), size, s, model.config.low_res_size)
                 tfeeds = [torch.from_numpy(np.asarray(feeds[k])) for k in
                           ("image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
                            "orig_im_size")]

@@ -28,7 +28,9 @@ from .onnx_graphs import NUM_MASK_OUTPUTS, export_decoder, export_encoder
 
 EXPORT_FILE = "export.json"
 FORMAT = "wesam-onnx"
-FORMAT_VERSION = 1
+# 2: the decoder takes segment-anything's official contract (input-frame coordinates, float32
+# orig_im_size); version 1 graphs took original pixels and int64, so they are refused, not misread.
+FORMAT_VERSION = 2
 BASE_DOMAIN = "base"
 DECODER_FILE = "decoder.onnx"
 
@@ -90,6 +92,10 @@ def read_export(path: str | os.PathLike) -> ExportBundle:
     """Open an export directory, checking the manifest and that every listed file exists."""
     root = Path(path)
     manifest = read_json(root / EXPORT_FILE, "wesam ONNX export directory")
+    if manifest.get("format") == FORMAT and manifest.get("format_version") == 1:
+        raise ExportError(f"{root / EXPORT_FILE}: an export of an older wesam whose decoder takes prompts in "
+                          "original pixels and an int64 orig_im_size; export again (`wesam export onnx`) to get "
+                          "segment-anything's decoder contract")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise ExportError(f"{root / EXPORT_FILE}: not a {FORMAT} v{FORMAT_VERSION} manifest "
                           f"(format {manifest.get('format')!r}, version {manifest.get('format_version')!r})")
@@ -162,6 +168,10 @@ def export_onnx(model: LoadedModel, adapters: Sequence[AdapterArtifact], out_dir
             "low_res_size": model.config.low_res_size,
             "embedding": {"channels": model.config.prompt_embed_dim, "grid": model.config.embedding_size},
             "mask_outputs": {"count": NUM_MASK_OUTPUTS, "single": [0], "multimask": [1, 2, 3]},
+            # What a client of decoder.onnx must send (docs/export.md "Graph signatures").
+            "decoder_contract": {"follows": "segment-anything ONNX export (SamOnnxModel, all 4 masks)",
+                                 "point_coords": "resized input frame (ResizeLongestSide.apply_coords)",
+                                 "orig_im_size": "float32 (H, W)", "num_prompts": "dynamic"},
             "encoders": encoders,
             "decoder": dec.to_json(staging),
         }

@@ -9,18 +9,22 @@ Encoder graph  ``image`` (B, 3, S, S) float32 -> ``image_embeddings`` (B, C, g, 
     makes it: RGB, longest side resized to S (bilinear), ``(x - pixel_mean) / pixel_std``, then
     zero padding at the bottom/right to S x S.
 
-Decoder graph (one image embedding, N prompts of K points):
+Decoder graph (one image embedding, N prompts of K points): segment-anything's ONNX contract
+(``segment_anything/utils/onnx.py``, ``scripts/export_onnx_model.py`` without
+``--return-single-mask``), so clients written for the official export work unchanged:
     ``image_embeddings`` (1, C, g, g) float32
-    ``point_coords``     (N, K, 2) float32   xy in *original image pixels*; box corners included
+    ``point_coords``     (N, K, 2) float32   xy in the *resized input frame*, i.e. after
+                                             ``ResizeLongestSide(S).apply_coords``; box corners included
     ``point_labels``     (N, K) float32      1 fg, 0 bg, -1 padding, 2 box top-left, 3 box bottom-right
     ``mask_input``       (N or 1, 1, L, L) float32  mask-prompt logits in the padded input frame
     ``has_mask_input``   (1,) float32        1 to use ``mask_input``, 0 to ignore it
-    ``orig_im_size``     (2,) int64          (H, W) of the original image
+    ``orig_im_size``     (2,) float32        (H, W) of the original image
   ->
     ``masks``            (N, 4, H, W) float32  mask logits at the original size (mask = logits > 0)
     ``iou_predictions``  (N, 4) float32
     ``low_res_masks``    (N, 4, L, L) float32  logits in the padded low-res frame (next mask_input)
   Mask index 0 is SAM's single-mask output (``multimask_output=False``), 1..3 the multimask outputs.
+  The official graph fixes N = 1; here N is dynamic (all prompts of an image in one call).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.utils.onnx import SamOnnxModel
 from torch import nn
 from torch.nn import functional as F
 
@@ -42,7 +47,10 @@ from .errors import DEFAULT_OPSET
 
 # Protobuf cannot serialise a message of 2 GiB or more; stay clearly below it (ViT-H is ~2.5 GB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
-NUM_MASK_OUTPUTS = 4  # SAM's mask decoder always computes 1 single + 3 multimask outputs
+NUM_MASK_OUTPUTS = 4
+# Bumped whenever a graph's inputs or outputs change meaning, so caches of exported graphs
+# (the service's --onnx-cache) never feed a graph of another contract. 2: the official decoder contract.
+GRAPH_CONTRACT = 2  # SAM's mask decoder always computes 1 single + 3 multimask outputs
 
 ENCODER_INPUTS = ["image"]
 ENCODER_OUTPUTS = ["image_embeddings"]
@@ -62,65 +70,42 @@ class EncoderGraph(nn.Module):
         return self.image_encoder(image)
 
 
-class DecoderGraph(nn.Module):
-    """SAM's prompt encoder + mask decoder + mask upscaling, traceable with dynamic N and K.
+class DecoderGraph(SamOnnxModel):
+    """segment-anything's own ONNX decoder module (``SamOnnxModel``, all four masks), with N dynamic.
 
-    Matches ``SamPredictorCore.decode`` when the prompts are laid out as in
-    ``export.prompts.decoder_feeds``: prompt coordinates are mapped from original pixels to the
-    resized input frame inside the graph (as ``ResizeLongestSide.apply_coords``), point labels
-    select SAM's learned point embeddings, and the logits are upscaled to (H, W) as
-    ``adapters.transforms.upscale_logits`` does.
+    Reused rather than rewritten so that the exported graph keeps the official contract that
+    tools built on segment-anything's export expect (its web demo, AnyLabeling, samexporter-style
+    runners): prompt tokens in the resized input frame, ``orig_im_size`` float32. Two differences,
+    both supersets: the prompt dimension N may exceed 1, and the resized image size is computed in
+    exact integer arithmetic (below) instead of float32.
     """
 
     def __init__(self, sam: Sam) -> None:
-        super().__init__()
-        self.prompt_encoder = sam.prompt_encoder
-        self.mask_decoder = sam.mask_decoder
-        self.img_size = int(sam.image_encoder.img_size)
+        super().__init__(sam, return_single_mask=False)
 
     def input_size(self, orig_im_size: torch.Tensor) -> torch.Tensor:
         """(2,) int64 (h, w) of the resized image before padding.
 
-        ``floor(x * S / longest + 0.5)`` in exact integer arithmetic (no float64 needed, which
-        TensorRT lacks); equal to ``ResizeLongestSide.get_preprocess_shape``.
+        ``floor(x * S / longest + 0.5)`` in exact integer arithmetic, equal to
+        ``ResizeLongestSide.get_preprocess_shape`` (float64 in Python) for every size, where the
+        official float32 version can be a pixel off; no float64 either, which TensorRT lacks.
         """
         size = orig_im_size.to(torch.int64)
         longest = size.max()
         return torch.div(2 * size * self.img_size + longest, 2 * longest, rounding_mode="floor")
 
-    def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """(N, K, 2) input-frame xy + (N, K) labels -> (N, K, C) sparse prompt embeddings."""
-        pe = self.prompt_encoder.pe_layer._pe_encoding((coords + 0.5) / self.img_size)
-        labels = labels.unsqueeze(-1)
-        # Written with masks instead of boolean indexing so N and K stay dynamic in the trace.
-        emb = pe * (labels != -1) + self.prompt_encoder.not_a_point_embed.weight * (labels == -1)
-        for i in range(self.prompt_encoder.num_point_embeddings):
-            emb = emb + self.prompt_encoder.point_embeddings[i].weight * (labels == i)
-        return emb
+    def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+        """(N, M, L, L) low-res logits -> (N, M, H, W): upscale to S, crop the padding, resize to (H, W).
 
-    def embed_masks(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
-        """(N|1, 1, L, L) logits -> (N|1, C, g, g) dense prompt embeddings."""
-        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return has_mask_input * self.prompt_encoder.mask_downscaling(mask_input) + (1 - has_mask_input) * no_mask
-
-    def forward(self, image_embeddings: torch.Tensor, point_coords: torch.Tensor, point_labels: torch.Tensor,
-                mask_input: torch.Tensor, has_mask_input: torch.Tensor, orig_im_size: torch.Tensor):
+        Replaces the official method, whose crop the TorchScript tracer of current PyTorch freezes at
+        the example input's size (measured: the official graph traced at 150 x 225 gives logits up to
+        0.14 off at 50 x 90); this form keeps the crop dynamic (tests/test_export.py checks sizes).
+        """
         input_hw = self.input_size(orig_im_size)
-        # xy scale from original pixels to the resized frame: (w'/w, h'/h).
-        scale = (input_hw.flip(0).to(torch.float32) / orig_im_size.flip(0).to(torch.float32))
-        sparse = self.embed_points(point_coords * scale, point_labels)
-        dense = self.embed_masks(mask_input, has_mask_input)
-        low_res, iou = self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-        masks = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        masks = F.interpolate(masks, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
         masks = masks[..., : input_hw[0], : input_hw[1]]
         size = orig_im_size.to(torch.int64)
-        masks = F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
-        return masks, iou, low_res
+        return F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
 
 
 @dataclass
@@ -151,7 +136,7 @@ def _dummy_decoder_inputs(sam: Sam) -> tuple[torch.Tensor, ...]:
     # N=3, K=4 and a mask batch of 1: sizes that differ from each other and from 1 so the tracer
     # cannot confuse or specialise the dynamic dims.
     return (torch.randn(1, c, g, g), torch.rand(3, 4, 2) * 50, torch.tensor([[1.0, 0, 2, 3]] * 3),
-            torch.randn(1, 1, low, low), torch.tensor([1.0]), torch.tensor([60, 80], dtype=torch.int64))
+            torch.randn(1, 1, low, low), torch.tensor([1.0]), torch.tensor([60.0, 80.0]))
 
 
 def _io_spec(model: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:

@@ -73,7 +73,8 @@ class OnnxSamPredictor:
 
     def decode_all(self, emb: ImageEmbedding, prompts: Prompts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw graph outputs: masks (N, 4, H, W) logits, iou (N, 4), low-res logits (N, 4, L, L)."""
-        feeds = decoder_feeds(emb.features.numpy(), prompts, emb.original_size, self.low_res_size)
+        feeds = decoder_feeds(emb.features.numpy(), prompts, emb.original_size, self.img_size,
+                              self.low_res_size)
         masks, iou, low = self.decoder.run(None, feeds)
         return masks, iou, low
 

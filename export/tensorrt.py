@@ -3,8 +3,10 @@
 Each graph becomes one serialized engine (``.plan``) with one optimisation profile covering
 the dynamic dims: encoder batch 1..max_batch; decoder prompts 1..max_prompts, points
 1..max_points, mask batch 1..max_prompts, and ``orig_im_size`` values (a shape tensor: it sets
-the output size) 1..max_image_side. Engines are specific to the GPU model and TensorRT version
-that built them, so they are built on the serving machine, not shipped.
+the output size) 1..max_image_side; the decoder engine takes ``orig_im_size`` as int64 (the ONNX
+graph's float32 cannot be a TensorRT shape-tensor input, see ``integer_size_decoder``). Engines
+are specific to the GPU model and TensorRT version that built them, so they are built on the
+serving machine, not shipped.
 
 Precision: TensorRT 10 uses its builder flags (fp16 / bf16 kernels where faster, fp32
 elsewhere). TensorRT 11 builds strongly typed networks only, so reduced precision needs the
@@ -89,6 +91,37 @@ def decoder_shape_values(bundle: ExportBundle, limits: ProfileLimits) -> dict[st
     """Value ranges of shape-tensor inputs (``orig_im_size`` decides the mask output size)."""
     s, m = bundle.img_size, limits.max_image_side
     return {"orig_im_size": ((1, 1), (s, s), (m, m))}
+
+
+def integer_size_decoder(onnx_path: Path, out_path: Path) -> Path:
+    """``decoder.onnx`` with ``orig_im_size`` taken as int64, for TensorRT.
+
+    The ONNX graph follows segment-anything's contract (``orig_im_size`` float32), but the input
+    sets the mask output's size, which makes it a TensorRT shape tensor, and TensorRT accepts only
+    integer shape tensors as engine inputs. So the engine gets an int64 input followed by a Cast to
+    float32 feeding the unchanged graph; everything else is identical. Returns ``onnx_path`` itself
+    when the input is already an integer.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(onnx_path))
+    graph = model.graph
+    size_input = next((i for i in graph.input if i.name == "orig_im_size"), None)
+    if size_input is None:
+        raise ExportError(f"{onnx_path}: no orig_im_size input; not a wesam decoder graph")
+    if size_input.type.tensor_type.elem_type in (TensorProto.INT64, TensorProto.INT32):
+        return onnx_path
+    as_float = "orig_im_size_float32"
+    for node in graph.node:
+        node.input[:] = [as_float if name == "orig_im_size" else name for name in node.input]
+    graph.node.insert(0, helper.make_node("Cast", ["orig_im_size"], [as_float], to=TensorProto.FLOAT,
+                                          name="orig_im_size_to_float32"))
+    size_input.type.tensor_type.elem_type = TensorProto.INT64
+    onnx.checker.check_model(model)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(out_path))
+    return out_path
 
 
 def _convert_for_strong_typing(onnx_path: Path, precision: str, tmp: Path) -> Path:
@@ -191,9 +224,15 @@ def build_engines(bundle: ExportBundle, out_dir: str | os.PathLike, *, domains: 
         engines[f"encoder_{domain}"] = build_engine(
             bundle.encoder_path(domain), out / f"encoder_{domain}.plan", encoder_shapes(bundle, limits), {},
             precision=precision, workspace_gib=workspace_gib)
-    engines["decoder"] = build_engine(
-        bundle.decoder_path, out / "decoder.plan", decoder_shapes(bundle, limits),
-        decoder_shape_values(bundle, limits), precision=precision, workspace_gib=workspace_gib)
+    with tempfile.TemporaryDirectory(prefix="wesam-trt-") as tmp:
+        decoder_graph = integer_size_decoder(bundle.decoder_path, Path(tmp) / "decoder.onnx")
+        engines["decoder"] = build_engine(
+            decoder_graph, out / "decoder.plan", decoder_shapes(bundle, limits),
+            decoder_shape_values(bundle, limits), precision=precision, workspace_gib=workspace_gib)
+    # Engines take everything as the ONNX graphs do except this one input (see integer_size_decoder).
+    engines["decoder"]["onnx"] = str(bundle.decoder_path)
+    engines["decoder"]["inputs_differing_from_onnx"] = {"orig_im_size": "int64 (TensorRT shape-tensor inputs "
+                                                                        "must be integers)"}
     manifest = {
         "format": "wesam-tensorrt",
         "tensorrt_version": getattr(trt, "__version__", None),

@@ -117,6 +117,7 @@ class OnnxRuntime:
 
     def __init__(self, model: LoadedModel, cache_dir: str | os.PathLike | None = None, *,
                  providers: Sequence[str] | None = None, threads: int | None = None, simplify: bool = True) -> None:
+        from wesam.export.onnx_graphs import GRAPH_CONTRACT
         from wesam.export.runtime import DEFAULT_PROVIDERS, OnnxSamPredictor
 
         self.model = model
@@ -124,7 +125,9 @@ class OnnxRuntime:
         self.threads = threads
         self.simplify = simplify
         root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "wesam-onnx-cache"
-        self.cache_dir = root / f"{model.name}-{(model.sha256 or 'random')[:16]}"
+        # The graph contract is in the name so that graphs cached by a wesam with other graph inputs
+        # are exported again instead of being fed inputs they do not expect.
+        self.cache_dir = root / f"{model.name}-{(model.sha256 or 'random')[:16]}-g{GRAPH_CONTRACT}"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         base_dir = self._graphs("base", None)
         self.base = OnnxSamPredictor(base_dir / "encoder.onnx", base_dir / "decoder.onnx", model.config.img_size,

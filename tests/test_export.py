@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapte
 from wesam.adapters.registry import Registry
 from wesam.export.bundle import read_export
 from wesam.export.check import check_export, pooled_iou
+from wesam.export.common import ExportError
 from wesam.export.cli import add_export_parser
 from wesam.export.prompts import decoder_feeds
 from wesam.export.runtime import make_session
@@ -188,7 +190,8 @@ def test_onnx_manifest(onnx_dir: Path, base_path: str, registry: Registry) -> No
     assert enc["outputs"] == {"image_embeddings": {"dtype": "float32", "shape": ["batch", 32, 8, 8]}}
     dec = m["decoder"]
     assert dec["inputs"]["point_coords"]["shape"] == ["num_prompts", "num_points", 2]
-    assert dec["inputs"]["orig_im_size"] == {"dtype": "int64", "shape": [2]}
+    assert dec["inputs"]["orig_im_size"] == {"dtype": "float32", "shape": [2]}  # segment-anything's contract
+    assert m["format_version"] == 2 and "resized input frame" in m["decoder_contract"]["point_coords"]
     assert dec["outputs"]["masks"]["shape"] == ["num_prompts", 4, "height", "width"]
     assert dec["outputs"]["low_res_masks"]["shape"] == ["num_prompts", 4, 32, 32]
     for g in [*m["encoders"].values(), dec]:
@@ -217,7 +220,7 @@ def test_decoder_handles_prompt_counts(onnx_dir: Path, base_path: str, n: int) -
     labels = rng.integers(0, 2, (n, 4))
     for prompts in (Prompts(boxes=corners.reshape(n, 4)), Prompts(points, labels),
                     Prompts(points, labels, corners.reshape(n, 4))):
-        feeds = decoder_feeds(emb.features.numpy(), prompts, (50, 90), 32)
+        feeds = decoder_feeds(emb.features.numpy(), prompts, (50, 90), 64, 32)
         masks, iou, low = dec.run(None, feeds)
         assert masks.shape == (n, 4, 50, 90) and iou.shape == (n, 4) and low.shape == (n, 4, 32, 32)
         for multimask, sl in ((False, slice(0, 1)), (True, slice(1, 4))):
@@ -226,6 +229,116 @@ def test_decoder_handles_prompt_counts(onnx_dir: Path, base_path: str, n: int) -
             np.testing.assert_allclose(iou[:, sl], want.scores, atol=1e-4)
             inter, union = pooled_iou(masks[:, sl] > 0, want.masks > 0)
             assert union > 0 and inter / union >= 0.99
+
+
+def _official_feeds(embedding: np.ndarray, points: np.ndarray | None, labels: np.ndarray | None,
+                    box: np.ndarray | None, size: tuple[int, int], img_size: int) -> dict[str, np.ndarray]:
+    """Inputs laid out as segment-anything's ONNX notebook does (one prompt, N = 1), written here from
+    its documented steps rather than with wesam's helpers: points, then the box corners or a padding
+    point, mapped with ResizeLongestSide.apply_coords; float32 orig_im_size; no mask input."""
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    coords = np.zeros((0, 2)) if points is None else points
+    labs = np.zeros(0) if labels is None else labels
+    if box is None:
+        coords, labs = np.concatenate([coords, [[0.0, 0.0]]]), np.concatenate([labs, [-1]])
+    else:
+        coords, labs = np.concatenate([coords, box.reshape(2, 2)]), np.concatenate([labs, [2, 3]])
+    coords = ResizeLongestSide(img_size).apply_coords(coords[None], size).astype(np.float32)
+    low = embedding.shape[-1] * 4
+    return {"image_embeddings": embedding, "point_coords": coords, "point_labels": labs[None].astype(np.float32),
+            "mask_input": np.zeros((1, 1, low, low), np.float32), "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array(size, dtype=np.float32)}
+
+
+def _official_export(sam, path: Path, size: tuple[int, int]) -> None:
+    """segment-anything's scripts/export_onnx_model.py for this model (all four masks), traced with an
+    example ``orig_im_size`` of ``size``: traced by current PyTorch, that graph's crop is only right at
+    the example size (export/onnx_graphs.py, DecoderGraph.mask_postprocessing)."""
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    c, g = sam.prompt_encoder.embed_dim, sam.prompt_encoder.image_embedding_size
+    dummy = (torch.randn(1, c, *g), torch.randint(0, 64, (1, 5, 2), dtype=torch.float),
+             torch.randint(0, 4, (1, 5), dtype=torch.float), torch.randn(1, 1, 4 * g[0], 4 * g[1]),
+             torch.tensor([1.0]), torch.tensor(size, dtype=torch.float))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(SamOnnxModel(sam, return_single_mask=False), dummy, str(path), dynamo=False,
+                          opset_version=17, do_constant_folding=True, input_names=OFFICIAL_INPUTS,
+                          output_names=["masks", "iou_predictions", "low_res_masks"],
+                          dynamic_axes={"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"}})
+
+
+OFFICIAL_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input",
+                   "orig_im_size"]
+
+
+def test_decoder_is_a_drop_in_for_segment_anythings_onnx_export(work: Path, onnx_dir: Path, base_path: str) -> None:
+    """A client written for the official export (feeds as its notebook builds them) gets from our
+    decoder.onnx what the official module (SamOnnxModel, eager), the official graph (ONNX Runtime, at
+    the size it was traced for) and segment_anything's own SamPredictor give."""
+    from segment_anything import SamPredictor
+    from segment_anything.utils.onnx import SamOnnxModel
+
+    model = resolve_model(base_path)
+    ours = make_session(onnx_dir / "decoder.onnx")
+    official_module = SamOnnxModel(model.sam, return_single_mask=False).eval()
+    predictor = SamPredictor(model.sam)
+    rng = np.random.default_rng(7)
+    for size in [(50, 90), (97, 61), (64, 64)]:
+        official = work / f"official_decoder_{size[0]}x{size[1]}.onnx"
+        _official_export(model.sam, official, size)
+        theirs = make_session(official)
+        assert [(i.name, i.type) for i in ours.get_inputs()] == [(i.name, i.type) for i in theirs.get_inputs()]
+        assert [o.name for o in ours.get_outputs()] == [o.name for o in theirs.get_outputs()]
+        image = rng.integers(0, 255, (*size, 3), dtype=np.uint8)
+        predictor.set_image(image)
+        embedding = predictor.get_image_embedding().numpy()
+        h, w = size
+        box = np.sort(rng.uniform(0, [w, h], (2, 2)), axis=0).reshape(4)
+        points, labels = rng.uniform(0, [w, h], (3, 2)), np.array([1.0, 0.0, 1.0])
+        for p, lab, b in [(None, None, box), (points, labels, None), (points, labels, box)]:
+            feeds = _official_feeds(embedding, p, lab, b, size, model.config.img_size)
+            got = ours.run(None, feeds)
+            eager = official_module(*[torch.from_numpy(feeds[k]) for k in OFFICIAL_INPUTS])
+            for a, b_, c in zip(got, theirs.run(None, feeds), eager):
+                np.testing.assert_allclose(a, b_, atol=1e-4)
+                np.testing.assert_allclose(a, c.numpy(), atol=1e-4)
+            masks, iou, low = got
+            assert masks.shape == (1, 4, h, w)
+            for multimask, sl in ((False, slice(0, 1)), (True, slice(1, 4))):
+                ref_masks, ref_iou, ref_low = predictor.predict(p, None if lab is None else lab.astype(int), b,
+                                                                multimask_output=multimask, return_logits=True)
+                np.testing.assert_allclose(iou[0, sl], ref_iou, atol=1e-4)
+                np.testing.assert_allclose(low[0, sl], ref_low, atol=1e-4)
+                inter, union = pooled_iou(masks[0, sl] > 0, ref_masks > 0)
+                assert union > 0 and inter / union >= 0.99
+
+
+def test_tensorrt_decoder_variant_takes_an_integer_size(work: Path, onnx_dir: Path) -> None:
+    """TensorRT needs integer shape-tensor inputs: the rewritten graph answers as the float one does."""
+    from wesam.export.tensorrt import integer_size_decoder
+
+    path = integer_size_decoder(onnx_dir / "decoder.onnx", work / "trt" / "decoder.onnx")
+    session = make_session(path)
+    assert {i.name: i.type for i in session.get_inputs()}["orig_im_size"] == "tensor(int64)"
+    assert integer_size_decoder(path, work / "trt" / "again.onnx") == path  # already integer: unchanged
+    rng = np.random.default_rng(3)
+    feeds = decoder_feeds(rng.standard_normal((1, 32, 8, 8)).astype(np.float32),
+                          Prompts(boxes=[[3.0, 4.0, 40.0, 30.0], [10, 10, 80, 45]]), (50, 90), 64, 32)
+    want = make_session(onnx_dir / "decoder.onnx").run(None, feeds)
+    got = session.run(None, {**feeds, "orig_im_size": feeds["orig_im_size"].astype(np.int64)})
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_exports_of_the_old_decoder_contract_are_refused(work: Path, onnx_dir: Path) -> None:
+    old = work / "old-export"
+    shutil.copytree(onnx_dir, old)
+    manifest = json.loads((old / "export.json").read_text())
+    (old / "export.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(ExportError, match="original pixels.*export again"):
+        read_export(old)
 
 
 def test_encoder_export_with_window_padding_and_dynamic_batch(work: Path) -> None:
