@@ -1,6 +1,7 @@
-"""Administration over HTTP: adapters (list, reload, activate: roll forward or back), the online
-worker's controls (read, pin, unpin, freeze, unfreeze, rollback, lineage) and captured samples
-(stats, delete a request's sample, delete a client's samples).
+"""Administration over HTTP: adapters (list, versions, reload, activate: roll forward or back), the
+online worker's controls (read, pin, unpin, freeze, unfreeze, rollback, lineage), captured samples
+(stats, delete a request's sample, delete a client's samples), and the operator's page (``GET /ui``,
+``webui.py``).
 
 A FastAPI app mounted into the BentoML service (BentoML only routes POST to ``@bentoml.api``
 methods and has no path parameters; mounted FastAPI routes also appear in its OpenAPI document).
@@ -101,6 +102,15 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
     async def list_adapters():
         try:
             return JSONResponse(await call("status"))
+        except Exception as e:  # every failure is a JSON error with its kind
+            return error(e)
+
+    @app.get("/adapters/{domain}/versions", response_model=None, tags=["adapters"],
+             summary="Every version of a domain: its adapter.json summary (created, method, metrics, lineage) "
+                     "and whether it is active, served or previewed here")
+    async def list_versions(domain: str):
+        try:
+            return await answer("versions", domain)
         except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 
@@ -220,4 +230,7 @@ def make_admin_app(runtime: Callable[[], RuntimeClient], token: str | None,
         except Exception as e:  # every failure is a JSON error with its kind
             return error(e)
 
+    from .webui import add_ui_routes
+
+    add_ui_routes(app)
     return app

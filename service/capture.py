@@ -5,12 +5,14 @@ The HTTP front and the gRPC endpoint give every request an id, a client id and a
 has answered a request, :meth:`Capture.offer` decides in a few microseconds whether to keep it:
 
 1. its served domain (``base`` without an adapter) is listed in ``WESAM_SERVE_CAPTURE_DOMAINS``;
-2. it did not opt out (``X-Wesam-Capture: off``);
-3. it can be replayed: the image came with it (not an ``image_id`` follow-up) and its prompts are
+2. it does not name an adapter version (``polyp@v2``: an operator's preview of a version, served by
+   the version asked for rather than the one the domain serves, is never training data);
+3. it did not opt out (``X-Wesam-Capture: off``);
+4. it can be replayed: the image came with it (not an ``image_id`` follow-up) and its prompts are
    boxes and/or points (no ``mask_input``);
-4. a hash of its request id falls under ``WESAM_SERVE_CAPTURE_RATE`` (every replica agrees);
-5. its domain and its client are under their caps for the rolling hour;
-6. the queue has room (count and bytes); it is never waited for.
+5. a hash of its request id falls under ``WESAM_SERVE_CAPTURE_RATE`` (every replica agrees);
+6. its domain and its client are under their caps for the rolling hour;
+7. the queue has room (count and bytes); it is never waited for.
 
 It then puts references (the decoded image, the validated prompts, the answer's masks and scores)
 into a bounded ``queue.Queue``. One daemon thread does the expensive part: downscale the image to
@@ -62,8 +64,8 @@ WINDOW_S = 3600.0  # the caps count the samples admitted in the last hour (rolli
 OPEN_RETRY_S = 30.0  # an unreachable store is tried again after this long
 LOG_EVERY_S = 60.0  # repeated capture errors are logged at most this often
 # What became of a served request, the `outcome` label of wesam_capture_total.
-OUTCOMES = ("stored", "duplicate", "cancelled", "error", "domain_off", "opted_out", "unsupported", "sampled_out",
-            "capped_domain", "capped_client", "queue_full")
+OUTCOMES = ("stored", "duplicate", "cancelled", "error", "domain_off", "preview", "opted_out", "unsupported",
+            "sampled_out", "capped_domain", "capped_client", "queue_full")
 
 
 # -- request identity ----------------------------------------------------------------------------------
@@ -323,6 +325,8 @@ class Capture:
         domain = result.domain or BASE
         if domain not in self.domains:
             return self._count(domain, "domain_off")
+        if item.domain and "@" in item.domain:  # names a version (router.names_version): a preview
+            return self._count(domain, "preview")
         if not item.capture:
             return self._count(domain, "opted_out")
         p = item.prompts

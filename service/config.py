@@ -40,6 +40,9 @@ class ServeConfig:
     max_mask_pixels: int = 1 << 27  # masks x height x width per response (bounds memory per request)
     fallback_domain: str | None = None
     merged_domains: tuple[str, ...] = ()
+    # Non-active adapter versions kept loaded for requests that name them (``polyp@v2``: operator
+    # previews, service/previews.py), least recently used unloaded first; 0 refuses such requests.
+    preview_slots: int = 2
     poll_seconds: float = 2.0
     workers: int = 1
     runtime_threads: int = 2  # model threads: one runs encoder batches, the others prompt-only decodes
@@ -81,6 +84,8 @@ class ServeConfig:
         if self.cache_mb < 0 or self.max_image_mb <= 0 or self.poll_seconds < 0:
             raise ConfigError(f"{PREFIX}CACHE_MB must be >= 0, {PREFIX}MAX_IMAGE_MB > 0 and "
                               f"{PREFIX}POLL_SECONDS >= 0")
+        if self.preview_slots < 0:
+            raise ConfigError(f"{PREFIX}PREVIEW_SLOTS must be >= 0 (0: no previews), got {self.preview_slots}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"{PREFIX}THREADS must be >= 1, got {self.threads}")
         if self.grpc_port is not None and not 0 < self.grpc_port < 65536:

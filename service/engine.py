@@ -31,7 +31,7 @@ from .config import ServeConfig
 from .errors import (BadRequest, CaptureDisabled, DomainMismatch, Internal, InvalidPrompt, NoRegistry,
                      PayloadTooLarge, UnknownDomain, UnknownImageId, to_service_error)
 from .messages import InferItem, InferResult
-from .router import AdapterRouter, Route
+from .router import AdapterRouter, Route, names_version
 from .runtime import AdapterHandle, ModelRuntime
 
 if TYPE_CHECKING:
@@ -92,9 +92,12 @@ class SegmentEngine:
         self.config = config
         self.metrics = metrics
         self.cache = EmbeddingCache(config.cache_bytes, on_event=self._cache_event)
+        # A preview's handle is unloaded without dropping its cached embeddings: they are keyed by the
+        # version's weights SHA-256, so they stay right for that version (and for a later preview of it).
         self.router = AdapterRouter(config.registry, runtime.load_adapter, self._unload,
                                     fallback=config.fallback_domain, merged_domains=config.merged_domains,
-                                    on_event=self._adapter_event)
+                                    on_event=self._adapter_event, preview_slots=config.preview_slots,
+                                    preview_unloader=runtime.unload_adapter)
         self.mask_threshold = float(getattr(model.sam, "mask_threshold", 0.0))
         self.aliases = FileAliases()
         # Encoder calls switch the active LoRA adapter on the shared model and loading an adapter
@@ -195,6 +198,31 @@ class SegmentEngine:
             raise BadRequest(f"unknown worker control {action!r}")
         return {"domain": domain, "control": dataclasses.asdict(state)}
 
+    def versions(self, domain: str) -> dict[str, Any]:
+        """Every version of ``domain`` as its adapter.json describes it (``catalog``: metrics, creation,
+        lineage), with what this replica does with it: ``active`` (routing.json), ``serving`` (loaded
+        in the domain's slot) and ``previewed`` (loaded as a preview)."""
+        from .catalog import describe_versions
+
+        registry = self.router.registry
+        if registry is None:
+            raise NoRegistry("no registry configured")
+        AdapterRef(domain)  # a malformed name is 400 invalid_adapter_ref, never a path
+        if not registry.versions(domain):
+            raise UnknownDomain(f"no domain {domain!r} in registry {registry.root}")
+        try:
+            active = registry.active_version(domain)
+        except (ValueError, OSError):  # an unreadable routing.json: the versions are still worth showing
+            active = None
+        slot = self.router.slots.get(domain)
+        previewed = {row["adapter"] for row in self.router.previews.status()["loaded"]}
+        rows = describe_versions(registry, domain)
+        for row in rows:
+            row["active"] = row["version"] == active
+            row["serving"] = slot is not None and slot.ref.version == row["version"]
+            row["previewed"] = row["adapter"] in previewed
+        return {"domain": domain, "active": active, "serving": str(slot.ref) if slot else None, "versions": rows}
+
     def served_domains(self) -> set[str]:
         return set(self.router.slots)
 
@@ -254,6 +282,7 @@ class SegmentEngine:
             "registry": str(self.router.registry.root) if self.router.registry else None,
             "fallback_domain": self.config.fallback_domain,
             "domains": self.router.status(),
+            "previews": self.router.previews.status(),
             "cache": {"bytes": self.cache.nbytes, "max_bytes": self.cache.max_bytes, "entries": len(self.cache),
                       "hits": self.cache.stats.hits, "misses": self.cache.stats.misses,
                       "evictions": self.cache.stats.evictions},
@@ -299,8 +328,14 @@ class SegmentEngine:
         item.timings_ms = {**item.timings_ms, "decode_image": (time.perf_counter() - t0) * 1000}
 
     def _is_cached(self, content_hash: str, domain: str | None) -> bool:
-        """Whether (pixels, domain's adapter) is cached; no LRU touch, no hit/miss counted."""
-        route = self.router.resolve(domain)
+        """Whether (pixels, domain's adapter) is cached; no LRU touch, no hit/miss counted.
+
+        Never loads an adapter (this runs outside the model lock): a version named in the request
+        that is not loaded now counts as not cached, and the encoder lane loads it.
+        """
+        route = self.router.peek(domain)
+        if route is None:
+            return False
         return embedding_key(content_hash, self.model.model_id, route.key, self.runtime.kind,
                              self.runtime.img_size) in self.cache
 
@@ -335,23 +370,28 @@ class SegmentEngine:
             with self.lock:  # routes stay valid until the encoder ran: no adapter is swapped meanwhile
                 pending: dict[str, dict[str, list[int]]] = {}  # route key -> embedding key -> item indices
                 route_of: dict[str, Route] = {}
-                for i in with_image:
-                    try:
-                        route, key, entry = self._lookup_image(items[i])
-                        if entry is None and items[i].image is None:
-                            self._decode_file(items[i])  # known file, but its embedding was evicted meanwhile
-                    except WesamError as e:
-                        results[i] = _failed(e)
-                        continue
-                    if entry is not None:
-                        found(i, key, entry)
-                    else:
-                        pending.setdefault(route.key, {}).setdefault(key, []).append(i)
-                        route_of[route.key] = route
-                if self.metrics is not None and batch:
-                    self.metrics.batch_adapters.observe(len(route_of))
-                for route_key, by_key in pending.items():
-                    self._encode_group(items, route_of[route_key], by_key, entries, results)
+                held: list[Route] = []  # preview handles pinned until this batch is encoded
+                try:
+                    for i in with_image:
+                        try:
+                            route, key, entry = self._lookup_image(items[i], held)
+                            if entry is None and items[i].image is None:
+                                self._decode_file(items[i])  # known file, but its embedding was evicted meanwhile
+                        except WesamError as e:
+                            results[i] = _failed(e)
+                            continue
+                        if entry is not None:
+                            found(i, key, entry)
+                        else:
+                            pending.setdefault(route.key, {}).setdefault(key, []).append(i)
+                            route_of[route.key] = route
+                    if self.metrics is not None and batch:
+                        self.metrics.batch_adapters.observe(len(route_of))
+                    for route_key, by_key in pending.items():
+                        self._encode_group(items, route_of[route_key], by_key, entries, results)
+                finally:
+                    for route in held:
+                        self.router.release(route)
         for i, item in enumerate(items):
             res = results[i]
             if res is None or res.error is not None:
@@ -370,7 +410,7 @@ class SegmentEngine:
                 results[i] = _failed(Internal(f"decoder failed: {type(e).__name__}"))
                 continue
             if self.capture is not None:
-                self._offer(item, res)
+                self._offer(item, res)  # a request naming a version (a preview) is counted, never kept
             if item.output is not None:
                 self._encode_answer(item, res)
         return [r if r is not None else _failed(Internal("no result")) for r in results]
@@ -390,8 +430,11 @@ class SegmentEngine:
         except Exception:
             log.exception("capture offer failed")
 
-    def _lookup_image(self, item: InferItem) -> tuple[Route, str, CacheEntry | None]:
-        route = self.router.resolve(item.domain)
+    def _lookup_image(self, item: InferItem, held: list[Route]) -> tuple[Route, str, CacheEntry | None]:
+        """The item's route (appended to ``held``: the caller releases it after encoding), cache key
+        and cached entry (None: to encode)."""
+        route = self.router.acquire(item.domain)
+        held.append(route)
         key = embedding_key(item.content_hash or "", self.model.model_id, route.key, self.runtime.kind,
                             self.runtime.img_size)
         return route, key, self.cache.get(key)
@@ -404,11 +447,21 @@ class SegmentEngine:
             raise UnknownImageId(f"unknown image_id {item.image_id!r}: never embedded here, evicted from the "
                                  "cache, or its adapter version was replaced; send the image again")
         if item.domain not in (None, ""):
-            route = self.router.resolve(item.domain)
-            if route.domain != entry.domain:
-                raise DomainMismatch(f"image_id {item.image_id!r} was embedded for "
-                                     f"{entry.domain or 'the base model'} ({entry.adapter}), not "
-                                     f"{route.domain or 'the base model'}; omit `domain` or send the image")
+            if names_version(item.domain):
+                # A preview names its version: only an embedding made by that version answers it.
+                wanted = str(AdapterRef.parse(item.domain))
+            else:
+                route = self.router.resolve(item.domain)
+                if route.domain != entry.domain:
+                    raise DomainMismatch(f"image_id {item.image_id!r} was embedded for "
+                                         f"{entry.domain or 'the base model'} ({entry.adapter}), not "
+                                         f"{route.domain or 'the base model'}; omit `domain` or send the image")
+                # The domain's embeddings of replaced versions are dropped with them; a preview's are
+                # not, and must not answer a request for the domain's active version.
+                wanted = route.adapter
+            if entry.adapter != wanted:
+                raise DomainMismatch(f"image_id {item.image_id!r} was embedded with {entry.adapter}, not "
+                                     f"{wanted}; omit `domain` or send the image")
         return item.image_id, entry
 
     def _encode_group(self, items: list[InferItem], route: Route, by_key: dict[str, list[int]],

@@ -33,6 +33,7 @@ HTTP_STATUS: dict[str, int] = {
     "adapter_refused": 409,
     "no_registry": 409,
     "capture_disabled": 409,  # admin API: the server runs without a capture store
+    "preview_disabled": 409,  # a request names a non-active version and WESAM_SERVE_PREVIEW_SLOTS is 0
     "too_large": 413,
     "unsupported_media_type": 415,
     "invalid_prompt": 422,
@@ -151,6 +152,13 @@ class DomainMismatch(ServiceError):
 
 class AdapterRefused(ServiceError):
     kind = "adapter_refused"
+
+
+class PreviewDisabled(ServiceError):
+    """A request named a version other than the active one (``polyp@v2``) on a server whose
+    preview slots are 0."""
+
+    kind = "preview_disabled"
 
 
 class NoRegistry(ServiceError):

@@ -205,6 +205,9 @@ class LocalRuntime:
     async def activate(self, domain: str, version: int) -> dict[str, Any]:
         return await self._answer(lambda: self.engine.activate(domain, version))
 
+    async def versions(self, domain: str) -> dict[str, Any]:
+        return await self._answer(lambda: self.engine.versions(domain))
+
     async def worker_control(self, domain: str, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return await self._answer(lambda: self.engine.worker_control(domain, action, params))
 

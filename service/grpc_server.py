@@ -20,7 +20,8 @@ Model ``segment`` (version 1, no batch dimension: prompts and image sizes vary p
 inputs (all optional except one of IMAGE / IMAGE_ID and at least one prompt)
     IMAGE       UINT8 [H, W, 3] RGB pixels, or BYTES [1] an encoded PNG/JPEG/WebP/BMP/TIFF file
     IMAGE_ID    BYTES [1]   a previous response's IMAGE_ID (cached embedding) instead of IMAGE
-    DOMAIN      BYTES [1]   domain whose active adapter to use; empty or absent: base model
+    DOMAIN      BYTES [1]   domain whose active adapter to use, or domain@vN (that version: an operator's
+                            preview, never captured); empty or absent: base model
     BOXES       FP32 [N, 4] x0, y0, x1, y1 in pixels; one mask set per box
     POINTS      FP32 [K, 2] x, y in pixels;  LABELS INT32 [K] 1 foreground, 0 background
     MULTIMASK   BOOL [1]    three masks per prompt instead of one
@@ -105,6 +106,7 @@ GRPC_CODES: dict[str, str] = {
     "adapter_refused": "FAILED_PRECONDITION",
     "no_registry": "FAILED_PRECONDITION",
     "capture_disabled": "FAILED_PRECONDITION",
+    "preview_disabled": "FAILED_PRECONDITION",
     "too_large": "INVALID_ARGUMENT",
     "unsupported_media_type": "INVALID_ARGUMENT",
     "invalid_prompt": "INVALID_ARGUMENT",

@@ -110,6 +110,10 @@ class RuntimeClient(Protocol):
 
     async def activate(self, domain: str, version: int) -> dict[str, Any]: ...
 
+    # Each version's adapter.json summary for operators (``SegmentEngine.versions``); like
+    # ``activate``, a refusal comes back as ``ServiceError.to_json()``.
+    async def versions(self, domain: str) -> dict[str, Any]: ...
+
     # The online worker's controls (pin, freeze, rollback, lineage: ``SegmentEngine.worker_control``)
     # and capture administration; like ``activate``, errors come back as ``ServiceError.to_json()``.
     async def worker_control(self, domain: str, action: str,

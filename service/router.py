@@ -5,6 +5,12 @@ domain's active version and is replaced atomically, so every replica that polls 
 to reload) converges on the same versions. A version that fails to load (tampered file, made for
 another base model, malformed) is refused: the domain keeps serving the version it had, and the
 failure is reported in ``status()`` and the metrics.
+
+A request may also name a version, ``domain@vN`` (an operator's *preview*: what a version does
+before it is activated). The active version is served from its slot; any other version is loaded
+as activation loads it (``registry.resolve`` + the runtime's loader) into a small LRU of preview
+handles (``previews.PreviewCache``, ``WESAM_SERVE_PREVIEW_SLOTS``), whose unload waits for the
+encoder batches that use a handle (``acquire``/``release``).
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from wesam.adapters.ref import AdapterRef
 from wesam.adapters.registry import ROUTING_FILE, Registry
 
 from .config import BASE
-from .errors import AdapterRefused, AdapterUnavailable, Internal, NoRegistry, UnknownDomain, UnknownVersion
+from .errors import (AdapterRefused, AdapterUnavailable, Internal, NoRegistry, PreviewDisabled, UnknownDomain,
+                     UnknownVersion)
+from .previews import Preview, PreviewCache
 from .runtime import AdapterHandle
 
 log = logging.getLogger("wesam.service")
@@ -30,8 +38,19 @@ log = logging.getLogger("wesam.service")
 # What the runtime gives the router: load a verified artifact (merged or not), unload a handle.
 AdapterLoader = Callable[[AdapterArtifact, bool], AdapterHandle]
 AdapterUnloader = Callable[[AdapterHandle], None]
-# Told about "loaded", "unloaded", "removed" and "failed" versions (metrics).
+# Told about "loaded", "unloaded", "removed" and "failed" versions (metrics), and about previews:
+# "preview_loaded", "preview_failed" (the metrics of served versions ignore those).
 AdapterEvent = Callable[[str, AdapterRef], None]
+
+
+def names_version(domain: str | None) -> bool:
+    """Whether a request's ``domain`` names a version (``polyp@v2``): an operator's preview."""
+    return bool(domain) and "@" in domain  # type: ignore[operator]
+
+
+def route_key(ref: AdapterRef, sha256: str) -> str:
+    """The weights a route serves, as cache keys name them: the version and its weights' SHA-256."""
+    return f"{ref}:{sha256[:16]}"
 
 
 @dataclass
@@ -41,6 +60,7 @@ class Route:
     ref: AdapterRef | None  # None: the base model
     key: str  # identifies the weights in cache keys: "base" or "domain@vN:<sha256 prefix>"
     handle: AdapterHandle | None
+    preview: bool = False  # a non-active version loaded for a request that named it (``domain@vN``)
 
     @property
     def domain(self) -> str | None:
@@ -75,11 +95,15 @@ class AdapterRouter:
     ``loader(artifact, merged)`` and ``unloader(handle)`` come from the runtime; ``on_event`` is
     told about loads and failures (metrics). Callers serialise calls (the engine holds its lock);
     ``lock`` guards the slots against the registry watcher.
+
+    ``preview_slots`` bounds the idle preview handles (0: requests naming a non-active version are
+    refused with ``preview_disabled``); ``preview_unloader`` releases one (default ``unloader``).
     """
 
     def __init__(self, registry: str | None, loader: AdapterLoader, unloader: AdapterUnloader, *,
                  fallback: str | None = None, merged_domains: tuple[str, ...] = (),
-                 on_event: AdapterEvent | None = None) -> None:
+                 on_event: AdapterEvent | None = None, preview_slots: int = 2,
+                 preview_unloader: AdapterUnloader | None = None) -> None:
         self.registry = Registry(registry) if registry else None
         self.loader = loader
         self.unloader = unloader
@@ -92,14 +116,23 @@ class AdapterRouter:
         self._on_event: AdapterEvent = on_event or (lambda event, ref: None)
         self.last_refresh: float | None = None
         self.lock = threading.RLock()
+        self.previews = PreviewCache(preview_slots, preview_unloader or unloader)
 
     # -- resolving --------------------------------------------------------------------------------
     def resolve(self, domain: str | None) -> Route:
+        """The route of a request's ``domain``: ``base``, a domain (its active version) or
+        ``domain@vN`` (that version: the active slot's, else a preview, loaded here if needed).
+
+        Loading a preview rewires the shared model, so callers that may name a version hold the
+        engine's lock; callers that resolve several routes before they encode use :meth:`acquire`.
+        """
         if domain is None or domain == "" or domain == BASE:
             return BASE_ROUTE
+        if names_version(domain):
+            return self._resolve_version(AdapterRef.parse(domain))
         slot = self.slots.get(domain)
         if slot is not None:
-            return Route(slot.ref, f"{slot.ref}:{slot.sha256[:16]}", slot.handle)
+            return Route(slot.ref, route_key(slot.ref, slot.sha256), slot.handle)
         if domain in self.failures:
             f = self.failures[domain]
             refused = AdapterRef(domain, f["version"]).version_dir
@@ -110,6 +143,73 @@ class AdapterRouter:
         known = ", ".join(sorted(self.slots)) or "none"
         raise UnknownDomain(f"unknown domain {domain!r}; served domains: {known} (or omit `domain` for the "
                             "base model)")
+
+    def acquire(self, domain: str | None) -> Route:
+        """:meth:`resolve`, and keep a preview's handle loaded until :meth:`release`: the engine
+        resolves a whole batch before it encodes, and a later item must not unload an earlier
+        item's adapter meanwhile."""
+        route = self.resolve(domain)
+        if route.preview:
+            self.previews.pin(route.ref)  # type: ignore[arg-type]
+        return route
+
+    def release(self, route: Route) -> None:
+        if route.preview:
+            self.previews.unpin(route.ref)  # type: ignore[arg-type]
+
+    def peek(self, domain: str | None) -> Route | None:
+        """As :meth:`resolve` but never loads anything: None for a version that is neither active nor
+        previewed now (its embedding cannot be cached under a key we could compute without loading)."""
+        if not names_version(domain):
+            return self.resolve(domain)
+        ref = AdapterRef.parse(domain)  # type: ignore[arg-type]
+        slot = self.slots.get(ref.domain)
+        if slot is not None and slot.ref == ref:
+            return Route(slot.ref, route_key(slot.ref, slot.sha256), slot.handle)
+        entry = self.previews.peek(ref)
+        return Route(ref, route_key(ref, entry.sha256), entry.handle, preview=True) if entry else None
+
+    def _resolve_version(self, ref: AdapterRef) -> Route:
+        slot = self.slots.get(ref.domain)
+        if slot is not None and slot.ref == ref:
+            return Route(slot.ref, route_key(slot.ref, slot.sha256), slot.handle)
+        with self.lock:
+            entry = self.previews.get(ref)
+            if entry is None:
+                entry = self._load_preview(ref)
+            return Route(ref, route_key(ref, entry.sha256), entry.handle, preview=True)
+
+    def _load_preview(self, ref: AdapterRef) -> Preview:
+        """Load a non-active version as activation would: verified, or refused with ``adapter_refused``."""
+        versions = self.registry.versions(ref.domain) if self.registry is not None else []
+        if not versions:
+            raise UnknownDomain(f"unknown domain {ref.domain!r}: not in the registry")
+        if ref.version not in versions:
+            raise UnknownVersion(f"{ref} is not in the registry; versions: "
+                                 + ", ".join(ref.at(v).version_dir for v in versions))
+        if self.previews.capacity == 0:
+            raise PreviewDisabled(f"{ref} is not the active version of {ref.domain!r} and previews of other "
+                                  "versions are off on this server (WESAM_SERVE_PREVIEW_SLOTS=0)")
+        try:
+            art = self.registry.resolve(ref)  # type: ignore[union-attr]
+            if art.ref != ref:
+                raise ValueError(f"{art.path}/adapter.json says {art.ref}, not {ref}")
+            handle = self.loader(art, ref.domain in self.merged_domains)
+        except Exception as e:  # the version cannot be served here; nothing else changes
+            self._on_event("preview_failed", ref)
+            raise AdapterRefused(f"refusing {ref}: {type(e).__name__}: {e}") from None
+        entry = Preview(ref, art.meta["files"][WEIGHTS_FILE], handle)
+        evicted = self.previews.add(entry)
+        self._on_event("preview_loaded", ref)
+        log.info("previewing %s%s", ref, f" (least recently used previews unloaded: "
+                 f"{', '.join(map(str, evicted))})" if evicted else "")
+        return entry
+
+    def _take_preview(self, ref: AdapterRef) -> tuple[AdapterHandle, str] | None:
+        """The loaded preview of a version that becomes active: its handle moves to the slot instead
+        of a second copy being loaded (it was verified when loaded; its weights are those bytes)."""
+        entry = self.previews.take(ref)
+        return (entry.handle, entry.sha256) if entry is not None else None
 
     # -- refreshing ------------------------------------------------------------------------------
     def signature(self) -> Any:
@@ -163,16 +263,23 @@ class AdapterRouter:
                 self._on_event("removed", slot.ref)
             for domain in set(self.failures) - set(wanted):
                 del self.failures[domain]
+            # A forced reload starts previews afresh too; a domain that left the registry takes its previews.
+            self.previews.drop(keep=lambda ref: not force and ref.domain in wanted)
             self._signature = sig
             self.last_refresh = time.time()
             return report
 
     def _load(self, ref: AdapterRef, current: Slot | None, report: dict[str, Any]) -> None:
         try:
-            art = self.registry.resolve(ref)  # type: ignore[union-attr]
-            if art.ref != ref:
-                raise ValueError(f"{art.path}/adapter.json says {art.ref}, not {ref}")
-            handle = self.loader(art, ref.domain in self.merged_domains)
+            promoted = self._take_preview(ref)
+            if promoted is not None:
+                handle, sha256 = promoted
+            else:
+                art = self.registry.resolve(ref)  # type: ignore[union-attr]
+                if art.ref != ref:
+                    raise ValueError(f"{art.path}/adapter.json says {art.ref}, not {ref}")
+                handle = self.loader(art, ref.domain in self.merged_domains)
+                sha256 = art.meta["files"][WEIGHTS_FILE]
         except Exception as e:  # any failure refuses this version; the domain keeps its current one
             msg = f"{type(e).__name__}: {e}"
             log.error("refusing adapter %s: %s%s", ref, msg,
@@ -182,7 +289,7 @@ class AdapterRouter:
             report["failed"].append({"adapter": str(ref), "error": msg})
             self._on_event("failed", ref)
             return
-        self._install(Slot(ref, art.meta["files"][WEIGHTS_FILE], handle), current)
+        self._install(Slot(ref, sha256, handle), current)
         report["loaded"].append(str(ref))
         if current is not None:
             report["unloaded"].append(str(current.ref))
@@ -217,19 +324,24 @@ class AdapterRouter:
             current = self.slots.get(domain)
             previous = str(current.ref) if current else None
             if current is None or current.ref != ref:
-                try:
-                    art = self.registry.resolve(ref)
-                    handle = self.loader(art, domain in self.merged_domains)
-                except Exception as e:
-                    self._on_event("failed", ref)
-                    raise AdapterRefused(f"refusing {ref}: {type(e).__name__}: {e}; still serving "
-                                         f"{previous or 'nothing'}") from None
+                promoted = self._take_preview(ref)
+                if promoted is not None:
+                    handle, sha256 = promoted
+                else:
+                    try:
+                        art = self.registry.resolve(ref)
+                        handle = self.loader(art, domain in self.merged_domains)
+                    except Exception as e:
+                        self._on_event("failed", ref)
+                        raise AdapterRefused(f"refusing {ref}: {type(e).__name__}: {e}; still serving "
+                                             f"{previous or 'nothing'}") from None
+                    sha256 = art.meta["files"][WEIGHTS_FILE]
                 try:
                     self._write_routing(ref)
                 except Internal:
                     self.unloader(handle)
                     raise
-                self._install(Slot(ref, art.meta["files"][WEIGHTS_FILE], handle), current)
+                self._install(Slot(ref, sha256, handle), current)
                 self._refused.pop(ref, None)
             else:
                 self._write_routing(ref)

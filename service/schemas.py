@@ -16,7 +16,11 @@ IMAGE_DOC = ("The image: base64 of PNG/JPEG/WebP/BMP/TIFF bytes (a data: URL pre
              "or a file part named `image` in multipart/form-data (the other fields are then form fields, "
              "JSON-encoded where they are lists). URLs are refused: the server never fetches anything.")
 DOMAIN_DOC = ("Route to this domain's active adapter version (see GET /adapters). Absent or `base`: the "
-              "base model. With `image_id`: absent means the domain the image was embedded for.")
+              "base model. `domain@vN` (e.g. `polyp@v2`): that version, active or not: an operator's preview "
+              "of a version before activating it (loaded on demand into a small LRU; never captured for "
+              "online self-training; `preview_disabled` when the server keeps no preview slots). With "
+              "`image_id`: absent means the domain the image was embedded for; `domain@vN` must be the "
+              "version it was embedded with.")
 
 
 class Rle(BaseModel):

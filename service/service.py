@@ -25,6 +25,7 @@ import bentoml
 from pydantic import PrivateAttr
 
 from wesam.errors import WesamError
+from wesam.service.asgi_guards import RejectControlCharacterPaths
 from wesam.service.capture import REQUEST_ID_HEADER, RequestMeta, request_meta
 from wesam.service.config import ServeConfig
 from wesam.service.errors import ServiceError, retry_after_s, to_service_error
@@ -124,6 +125,13 @@ class SamRuntime:
         # A refusal travels back as JSON: exceptions do not cross BentoML's process boundary with their kind.
         try:
             return self.engine.activate(domain, version)
+        except WesamError as e:
+            return to_service_error(e).to_json()
+
+    @bentoml.api
+    def versions(self, domain: str) -> dict:
+        try:
+            return self.engine.versions(domain)
         except WesamError as e:
             return to_service_error(e).to_json()
 
@@ -235,6 +243,9 @@ class _RuntimeClient:
     async def activate(self, domain: str, version: int) -> dict:
         return await self.proxy.to_async.activate(domain, version)
 
+    async def versions(self, domain: str) -> dict:
+        return await self.proxy.to_async.versions(domain)
+
     async def worker_control(self, domain: str, action: str, params: dict | None = None) -> dict:
         return await self.proxy.to_async.worker_control(domain, action, params)
 
@@ -286,9 +297,10 @@ class Segmenter:
     """wesam: Segment-Anything with per-domain LoRA adapters.
 
     POST /segment (masks for boxes/points/mask prompts), POST /embed (cache an embedding, get an
-    image_id), GET /adapters, POST /adapters/reload, POST /adapters/{domain}/activate (admin
-    token), GET /capture/stats, DELETE /capture/{request_id}, DELETE /capture/clients/{domain}/{client}
-    (admin token), /livez, /readyz, /metrics. Errors are JSON: {"error", "kind", "status"}; 503
+    image_id), GET /adapters, GET /adapters/{domain}/versions, POST /adapters/reload, POST
+    /adapters/{domain}/activate (admin token), GET /ui (the operator's page), GET /capture/stats,
+    DELETE /capture/{request_id}, DELETE /capture/clients/{domain}/{client} (admin token), /livez,
+    /readyz, /metrics. Errors are JSON: {"error", "kind", "status"}; 503
     `overloaded` answers carry Retry-After. Answers carry an X-Request-Id header.
     """
 
@@ -332,3 +344,7 @@ class Segmenter:
     def shutdown(self) -> None:
         if self.host is not None:
             self.host.close()
+
+
+# Before routing: paths no route can match are answered as JSON too (service/asgi_guards.py).
+Segmenter.add_asgi_middleware(RejectControlCharacterPaths)

@@ -90,3 +90,13 @@ def test_the_server_is_still_healthy_after_the_generated_requests(server: Server
         r = client.delete("/adapters")
         assert r.status_code == 405 and r.json()["kind"] == "bad_request" and r.json()["status"] == 405
     assert "Traceback" not in server.log_tail(5000)
+
+
+def test_a_path_no_route_can_match_gets_a_wesam_error(server: ServerProcess) -> None:
+    """Found by the negative run: an encoded newline in a path parameter slipped past every route
+    (Starlette's mount pattern stops at newlines) and got a plain-text 404."""
+    for method, path in [("POST", "/adapters/%0Apolyp/rollback"), ("GET", "/adapters/po%0Dlyp/versions"),
+                         ("GET", "/ui/%00")]:
+        response = httpx.request(method, server.url + path, timeout=60)
+        assert response.status_code == 400, (path, response.text)
+        assert response.json()["kind"] == "bad_request" and response.json()["status"] == 400

@@ -553,3 +553,75 @@ def test_the_same_bad_prompt_gets_the_same_error_over_http_and_grpc(served: Serv
         assert counted == len(cases), endpoint
         assert (_metric(after, "wesam_requests_total", endpoint=endpoint, status="422")
                 - _metric(before, "wesam_requests_total", endpoint=endpoint, status="422")) == len(cases)
+
+
+def test_previews_of_a_non_active_version(served: Served) -> None:
+    """`domain: "polyp@v2"` is served by v2 while v1 stays active, over HTTP and gRPC; errors by kind."""
+    c = served.client
+    img = make_image(seed=31)
+    e = c.post("/embed", json={"image": _b64(img), "domain": "polyp@v2"})
+    assert e.status_code == 200, e.text
+    emb = e.json()
+    assert emb["adapter"] == "polyp@v2" and emb["domain"] == "polyp"
+    r = c.post("/segment", json={"image_id": emb["image_id"], "domain": "polyp@v2", "boxes": [BOX]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["adapter"] == "polyp@v2" and body["cached"]
+    want = _reference(served, img, Prompts(boxes=np.array([BOX])), ref="polyp@v2")
+    np.testing.assert_array_equal(_masks(body)[:, None], want.masks)
+    # the active version is unchanged and still answers the domain
+    active = c.post("/segment", json={"image": _b64(img), "domain": "polyp", "boxes": [BOX]}).json()
+    assert active["adapter"] == "polyp@v1" and active["image_id"] != emb["image_id"]
+    np.testing.assert_array_equal(_masks(active)[:, None],
+                                  _reference(served, img, Prompts(boxes=np.array([BOX])), ref="polyp@v1").masks)
+    # naming the active version is the active slot, not a second copy
+    named = c.post("/segment", json={"image": _b64(img), "domain": "polyp@v1", "boxes": [BOX]}).json()
+    assert named["adapter"] == "polyp@v1" and named["image_id"] == active["image_id"] and named["cached"]
+    status = c.get("/adapters").json()
+    (row,) = [d for d in status["domains"] if d["domain"] == "polyp"]
+    assert row["serving"] == "polyp@v1" and row["active"] == 1 and Registry(served.registry).active_version("polyp") == 1
+    loaded = [p["adapter"] for p in status["previews"]["loaded"]]
+    assert loaded == ["polyp@v2"] and status["previews"]["slots"] == 2 and status["previews"]["retiring"] == []
+    # a preview's image_id does not answer the active version (nor the reverse)
+    r = c.post("/segment", json={"image_id": emb["image_id"], "domain": "polyp", "boxes": [BOX]})
+    assert r.status_code == 409 and r.json()["kind"] == "domain_mismatch", r.text
+    for domain, status_code, kind in (("polyp@v9", 404, "unknown_version"), ("polyp@2", 400, "invalid_adapter_ref"),
+                                      ("polyp@v", 400, "invalid_adapter_ref"), ("mars@v1", 404, "unknown_domain"),
+                                      ("polyp@v3", 409, "adapter_refused")):  # v3 is corrupt
+        r = c.post("/segment", json={"image": _b64(img), "domain": domain, "boxes": [BOX]})
+        assert (r.status_code, r.json()["kind"]) == (status_code, kind), (domain, r.text)
+    # gRPC: the same domain string, the same routing
+    grpcclient, client = _grpc(served)
+    boxes = np.array([BOX], np.float32)
+    res = client.infer("segment", _inputs(grpcclient, IMAGE=("UINT8", img), BOXES=("FP32", boxes),
+                                          DOMAIN=("BYTES", [b"polyp@v2"])))
+    assert res.as_numpy("ADAPTER")[0] == b"polyp@v2" and res.as_numpy("IMAGE_ID")[0].decode() == emb["image_id"]
+    np.testing.assert_array_equal(res.as_numpy("MASKS").astype(bool), want.masks)
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("segment", _inputs(grpcclient, IMAGE=("UINT8", img), BOXES=("FP32", boxes),
+                                        DOMAIN=("BYTES", [b"polyp@v9"])))
+    assert "NOT_FOUND" in str(err.value.status()) and "[unknown_version]" in err.value.message()
+    metrics = c.get("/metrics").text
+    assert _metric(metrics, "wesam_requests_total", endpoint="segment", domain="polyp", adapter="polyp@v2") >= 1
+    assert _metric(metrics, "wesam_requests_total", endpoint="grpc", domain="polyp", adapter="polyp@v2") >= 1
+    assert Registry(served.registry).active_version("polyp") == 1
+
+
+def test_versions_of_a_domain(served: Served) -> None:
+    """GET /adapters/{domain}/versions: each version's adapter.json summary, public like GET /adapters."""
+    c = served.client
+    r = c.get("/adapters/polyp/versions")
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["domain"] == "polyp" and out["active"] == 1 and out["serving"] == "polyp@v1"
+    rows = {row["version"]: row for row in out["versions"]}
+    assert {1, 2, 3} <= set(rows) and rows[1]["active"] and rows[1]["serving"] and not rows[2]["active"]
+    assert rows[2]["adapter"] == "polyp@v2" and rows[2]["base_model"] == "sam-micro" and rows[2]["created"]
+    assert "config" not in rows[2] and "data" not in rows[2]  # the machine's paths stay on the machine
+    assert c.get("/adapters/mars/versions").json()["kind"] == "unknown_domain"
+    assert c.get("/adapters/mars/versions").status_code == 404
+    assert c.get("/adapters/bad.name/versions").status_code == 400
+    spec = c.get("/docs.json").json()
+    assert "/adapters/{domain}/versions" in spec["paths"] and not any(p.startswith("/ui") for p in spec["paths"])
