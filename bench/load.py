@@ -4,7 +4,7 @@ Load phases, one per client count (``--clients``, default 1, 8, 32 and 64), each
 seconds: closed-loop clients (each sends its next request when the previous one is answered) with
 mixed traffic, drawn per request:
 
-* **new image** (``--new-share``, default 0.5): ``/segment`` with a base64 JPEG and one box. Images
+* **new image** (``--new-share``, default 0.5): ``/segment`` with a JPEG file and one box. Images
   cycle through a pool of ``--images`` generated photos, and the server this bench starts holds
   ``--cache-entries`` embeddings, fewer than the pool, so these run the encoder (least recently used
   eviction never keeps a cycled image);
@@ -17,6 +17,11 @@ Per phase: p50/p95/p99 latency of the successful answers (all, and per traffic k
 throughput, every answer counted by HTTP status and error kind, the slowest non-200 answer, and
 whether each non-200 answer was wesam's JSON error with a ``Retry-After`` header. Clients honour
 ``Retry-After`` as a polite client does (``--ignore-retry-after``: they retry at once).
+
+Requests are made with ``wesam.client.AsyncClient`` (one per simulated client, so one connection each;
+images as multipart uploads of the file, as the client sends them) with its own retries off
+(``max_retries=0``): every answer is counted once, by the HTTP status and ``kind`` of the exception it
+raised, and the waiting after a refusal is this bench's. Masks are never decoded.
 
 Soak: ``--soak-requests`` (default 10,000) requests of the same mix from ``--soak-clients`` clients,
 while the resident memory (VmRSS in ``/proc``) of every server process is sampled every
@@ -45,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from .serve import _box, _encoded_b64, _images, _size
+from .serve import _box, _encoded, _images, _size
 
 NEW, CACHED = "new", "cached"
 
@@ -71,43 +76,44 @@ class Answer:
 class Traffic:
     """Pre-encoded payloads and the state the clients share (the new-image cursor, the cached ids)."""
 
-    images: list[str]  # base64 JPEGs
+    images: list[bytes]  # JPEG files
     size: tuple[int, int]
     domains: list[str]
     new_share: float
     seed: int
-    cached: list[list[str]] = field(default_factory=list)  # [image_id, domain, base64 image] per cached image
+    cached: list[list[Any]] = field(default_factory=list)  # [image_id, domain, JPEG file] per cached image
     _cursor: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def next_new(self) -> tuple[str, str]:
+    def next_new(self) -> tuple[bytes, str]:
         with self._lock:
             i = self._cursor
             self._cursor += 1
         return self.images[i % len(self.images)], self.domains[i % len(self.domains)]
 
     def body(self, rng: random.Random) -> tuple[str, int, dict[str, Any]]:
-        """(traffic kind, index of the cached image or -1, request body)."""
+        """(traffic kind, index of the cached image or -1, ``AsyncClient.segment`` arguments)."""
         h, w = self.size
         if not self.cached or rng.random() < self.new_share:
             image, domain = self.next_new()
-            return NEW, -1, _with_domain({"image": image, "boxes": [_box(self.size)]}, domain)
+            return NEW, -1, {"image": image, "boxes": [_box(self.size)], "domain": _domain(domain)}
         k = rng.randrange(len(self.cached))
         x0, y0 = rng.uniform(0, w * 0.5), rng.uniform(0, h * 0.5)
         return CACHED, k, {"image_id": self.cached[k][0],
                            "boxes": [[x0, y0, x0 + rng.uniform(8, w * 0.5), y0 + rng.uniform(8, h * 0.5)]]}
 
 
-def _with_domain(body: dict[str, Any], domain: str) -> dict[str, Any]:
-    return body if domain == "base" else {**body, "domain": domain}
+def _domain(domain: str) -> str | None:
+    """``base`` is sent as no domain at all."""
+    return None if domain == "base" else domain
 
 
 async def _client(url: str, traffic: Traffic, rng: random.Random, stop_at: float | None, budget: list[int],
                   answers: list[Answer], honour_retry_after: bool, timeout: float) -> None:
     """One closed-loop client: until ``stop_at`` (monotonic) or until the shared budget is spent."""
-    import httpx
+    from wesam.client import AsyncClient, ServiceUnreachable, WesamClientError
 
-    async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
+    async with AsyncClient(url, timeout=timeout, max_retries=0) as client:
         while True:
             if stop_at is not None and time.monotonic() >= stop_at:
                 return
@@ -119,28 +125,30 @@ async def _client(url: str, traffic: Traffic, rng: random.Random, stop_at: float
             t0 = time.perf_counter()
             retry = None
             try:
-                r = await client.post("/segment", json=body)
-                if r.status_code == 404 and index >= 0:
-                    # the image_id was evicted: a client sends the image again (counted as the 404 it got)
-                    _, domain, image = traffic.cached[index]
-                    again = await client.post("/embed", json=_with_domain({"image": image}, domain))
-                    if again.status_code == 200:
-                        traffic.cached[index][0] = again.json()["image_id"]
-                ms = (time.perf_counter() - t0) * 1000
-                status: int | str = r.status_code
-                error_kind, wesam_json = None, True
-                if r.status_code != 200:
-                    try:
-                        data = r.json()
-                        error_kind = data.get("kind")
-                        wesam_json = isinstance(data, dict) and {"error", "kind", "status"} <= set(data)
-                    except ValueError:
-                        wesam_json = False
-                    retry = r.headers.get("retry-after")
-                answers.append(Answer(kind, status, error_kind, wesam_json, retry is not None, ms))
-            except Exception as e:  # no answer at all: counted by exception type
-                answers.append(Answer(kind, type(e).__name__, None, False, False,
-                                      (time.perf_counter() - t0) * 1000))
+                try:
+                    await client.segment(**body)
+                    answers.append(Answer(kind, 200, None, True, False, (time.perf_counter() - t0) * 1000))
+                except ServiceUnreachable:
+                    raise
+                except WesamClientError as e:  # an answer other than 200: its status and wesam's kind
+                    if e.status == 404 and index >= 0:
+                        # the image_id was evicted: a client sends the image again (counted as the 404 it got)
+                        _, domain, image = traffic.cached[index]
+                        try:
+                            traffic.cached[index][0] = (await client.embed(image, domain=_domain(domain))).image_id
+                        except ServiceUnreachable:
+                            raise
+                        except WesamClientError:
+                            pass
+                    ms = (time.perf_counter() - t0) * 1000
+                    # wesam's format: {"error", "kind", "status"}; e.body is None for any other body
+                    wesam_json = e.body is not None and {"error", "kind", "status"} <= set(e.body)
+                    retry = e.headers.get("retry-after") if e.headers is not None else None
+                    answers.append(Answer(kind, e.status, e.body.get("kind") if e.body else None, wesam_json,
+                                          retry is not None, ms))
+            except Exception as e:  # no answer at all: counted by exception type (the transport's, e.g. ReadTimeout)
+                name = type(e.__cause__ if isinstance(e, ServiceUnreachable) and e.__cause__ else e).__name__
+                answers.append(Answer(kind, name, None, False, False, (time.perf_counter() - t0) * 1000))
             if retry is not None and honour_retry_after:
                 try:
                     await asyncio.sleep(float(retry))
@@ -284,26 +292,25 @@ class RssSampler:
 
 # -- the run --------------------------------------------------------------------------------------
 
-def _embed_cached(url: str, traffic: Traffic, count: int, pool: list[str]) -> None:
-    """Embed ``count`` images (spread over the domains) whose ids the cached traffic uses."""
-    import httpx
+def _embed_cached(url: str, traffic: Traffic, count: int, pool: list[bytes]) -> None:
+    """Embed ``count`` images (spread over the domains) whose ids the cached traffic uses; any answer
+    but a 200 raises (``WesamClientError``) and fails the run."""
+    from wesam.client import Client
 
-    with httpx.Client(base_url=url, timeout=300) as client:
+    with Client(url, timeout=300, max_retries=0) as client:
         for i in range(count):
             domain = traffic.domains[i % len(traffic.domains)]
-            r = client.post("/embed", json=_with_domain({"image": pool[i]}, domain))
-            if r.status_code != 200:
-                raise RuntimeError(f"/embed answered {r.status_code}: {r.text[:300]}")
-            traffic.cached.append([r.json()["image_id"], domain, pool[i]])
+            traffic.cached.append([client.embed(pool[i], domain=_domain(domain)).image_id, domain, pool[i]])
 
 
 def _server_state(url: str) -> dict[str, Any]:
     """The server's cache and queue counters (``GET /adapters``), for reading the figures."""
-    import httpx
+    from wesam.client import Client, WesamClientError
 
     try:
-        status = httpx.get(url + "/adapters", timeout=60).json()
-    except (httpx.HTTPError, ValueError):
+        with Client(url, timeout=60, max_retries=0) as client:
+            status = client.adapters()
+    except WesamClientError:
         return {}
     return {"cache": status.get("cache"), "queue": status.get("queue")}
 
@@ -318,7 +325,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     embedding_bytes = 256 * grid * grid * 4  # SAM's neck output: 256 channels on a (img_size/16)^2 grid, float32
     n_pool = args.images + args.cached_images
     print(f"generating {n_pool} {args.image_size[0]}x{args.image_size[1]} JPEG images", file=sys.stderr)
-    pool = [_encoded_b64(im, "jpeg") for im in _images(n_pool, args.image_size, args.seed)]
+    pool = [_encoded(im, "jpeg") for im in _images(n_pool, args.image_size, args.seed)]
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     traffic = Traffic(pool[args.cached_images:], args.image_size, domains, args.new_share, args.seed)
 
@@ -479,11 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.url and not args.cached_images < args.cache_entries < args.images:
         p.error("--cache-entries must be above --cached-images and below --images (new images must miss the cache)")
 
+    from wesam.client import WesamClientError
     from wesam.sam.zoo import ModelLoadError
 
     try:
         result = run(args)
-    except (ModelLoadError, RuntimeError, TimeoutError, OSError) as e:
+    except (ModelLoadError, RuntimeError, TimeoutError, OSError, WesamClientError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from wesam.bench.results import report

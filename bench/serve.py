@@ -3,18 +3,20 @@
 Measures on one model (``sam-mini`` unless ``--model``):
 
 * full request (new image, one box): p50/p95 latency and sequential throughput of the service
-  (JSON + base64 PNG in, COCO RLE out, through BentoML's front and model-runtime processes)
-  against ``SamPredictorCore.predict`` on the decoded array in this process -> overhead ratio;
+  (the encoded file in a multipart upload, COCO RLE out, as ``wesam.client.Client`` sends and reads
+  them; through BentoML's front and model-runtime processes) against ``SamPredictorCore.predict`` on
+  the decoded array in this process -> overhead ratio;
 * prompt-only request on a cached embedding (``image_id``) against the full request -> speed-up;
-* the same full request over the KServe-v2 gRPC endpoint (``tritonclient``, the JPEG file as a BYTES
-  tensor, masks back as a UINT8 tensor) -> its overhead ratio, reported the same way (``--no-grpc``
-  skips it);
+* the same full request over the KServe-v2 gRPC endpoint (``wesam.client.GrpcClient``, the JPEG file
+  as a BYTES tensor, masks back as a UINT8 tensor) -> its overhead ratio, reported the same way
+  (``--no-grpc`` skips it);
 * throughput with 1 and with N concurrent clients (``--concurrency``, default 8), new images each,
   so the encoder runs every time and the adaptive batcher can merge requests; the 8-client
   throughput is also compared with the in-process predictor's sequential throughput.
 
-Images are generated (smooth random colour fields, ``--image-size``) and sent as base64 JPEG
-(``--format``); payloads are encoded before timing.
+Images are generated (smooth random colour fields, ``--image-size``) and sent as JPEG files
+(``--format``); they are encoded before timing. The clients never retry (``max_retries=0``: a refusal
+fails the run instead of hiding in a latency) and never decode the masks they are not shown.
 The server gets the same torch thread count as the in-process predictor (``--threads``).
 
 Usage:
@@ -26,7 +28,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import base64
 import io
 import pathlib
 import statistics
@@ -75,12 +76,13 @@ def _images(count: int, size: tuple[int, int], seed: int) -> list[np.ndarray]:
     return out
 
 
-def _encoded_b64(image: np.ndarray, fmt: str) -> str:
+def _encoded(image: np.ndarray, fmt: str) -> bytes:
+    """The image file a client would send (JPEG at quality 90, or PNG)."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {}))
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 def _box(size: tuple[int, int]) -> list[float]:
@@ -89,9 +91,9 @@ def _box(size: tuple[int, int]) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
     import torch
 
+    from wesam.client import Client
     from wesam.sam.predictor import Prompts, SamPredictorCore
     from wesam.sam.zoo import resolve_model
     from wesam.service.config import ServeConfig
@@ -107,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # in-process, full, cached (1), gRPC, one client, `conc` clients
     # + capture off / on, interleaved (2 n + 2 warm)
     pool = _images(6 * n + 5 * warm + 1 + conc * _per_client(n, conc), size, args.seed)
-    payloads = [_encoded_b64(im, args.format) for im in pool]
+    payloads = [_encoded(im, args.format) for im in pool]
     box = _box(size)
     cursor = iter(range(len(pool)))
 
@@ -129,28 +131,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server = ServerProcess(config).start(timeout=args.start_timeout)
         url, grpc_url = server.url, server.grpc_url
     try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            def segment(body: dict[str, Any]) -> dict[str, Any]:
-                r = client.post("/segment", json=body)
-                if r.status_code != 200:
-                    raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
-                return r.json()
-
+        # Any answer but a 200 raises (WesamClientError): main() reports it and fails the run.
+        with Client(url, timeout=300, max_retries=0) as client:
             full_ids = [next(cursor) for _ in range(n + warm)]
             print(f"service, full requests: {n}", file=sys.stderr)
-            full = _timed(lambda i: segment({"image": payloads[full_ids[i]], "boxes": [box]}), n, warm)
+            full = _timed(lambda i: client.segment(payloads[full_ids[i]], boxes=[box]), n, warm)
 
-            image_id = segment({"image": payloads[next(cursor)], "boxes": [box]})["image_id"]
+            image_id = client.segment(payloads[next(cursor)], boxes=[box]).image_id
             rng = np.random.default_rng(args.seed + 1)
             boxes = [[float(v) for v in sorted(rng.uniform(0, size[1], 2))] for _ in range(n + warm)]
             print(f"service, cached prompt-only requests: {n}", file=sys.stderr)
-            cached = _timed(lambda i: segment({"image_id": image_id,
-                                               "boxes": [[boxes[i][0], box[1], boxes[i][1], box[3]]]}), n, warm)
+            cached = _timed(lambda i: client.segment(image_id=image_id,
+                                                     boxes=[[boxes[i][0], box[1], boxes[i][1], box[3]]]), n, warm)
 
             grpc_full = None
             if grpc_url:
                 grpc_ids = [next(cursor) for _ in range(n + warm)]
-                files = [base64.b64decode(payloads[i]) for i in grpc_ids]
+                files = [payloads[i] for i in grpc_ids]
                 print(f"service, gRPC full requests: {n}", file=sys.stderr)
                 grpc_full = _timed(_grpc_segment(grpc_url, files, box), n, warm)
 
@@ -161,12 +158,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 def worker(k: int) -> list[float]:
                     out = []
-                    with httpx.Client(base_url=url, timeout=300) as c:
+                    with Client(url, timeout=300, max_retries=0) as c:  # a connection pool per client
                         for idx in ids[k]:
                             t0 = time.perf_counter()
-                            r = c.post("/segment", json={"image": payloads[idx], "boxes": [box]})
-                            if r.status_code != 200:
-                                raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+                            c.segment(payloads[idx], boxes=[box])
                             out.append((time.perf_counter() - t0) * 1000)
                     return out
 
@@ -178,9 +173,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             print(f"service, throughput with 1 and {conc} clients", file=sys.stderr)
             one = throughput(1)
-            before = _batch_totals(client.get("/metrics").text)
+            before = _batch_totals(client.metrics())
             many = throughput(conc)
-            after = _batch_totals(client.get("/metrics").text)
+            after = _batch_totals(client.metrics())
 
             capture = None
             if not args.no_capture and server is not None:
@@ -210,7 +205,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _capture_rows(config: Any, args: argparse.Namespace, off_client: Any, payloads: list[str], box: list[float],
+def _capture_rows(config: Any, args: argparse.Namespace, off_client: Any, payloads: list[bytes], box: list[float],
                   n: int, warm: int) -> dict[str, Any]:
     """Full requests to the server without capture and to a second one that captures every request
     (base domain, rate 1, no caps, into SQLite), alternated request by request so that both see the
@@ -218,8 +213,7 @@ def _capture_rows(config: Any, args: argparse.Namespace, off_client: Any, payloa
     import dataclasses
     import tempfile
 
-    import httpx
-
+    from wesam.client import Client
     from wesam.service.launch import ServerProcess, free_port
 
     with tempfile.TemporaryDirectory(prefix="wesam-bench-capture-") as tmp:
@@ -230,20 +224,18 @@ def _capture_rows(config: Any, args: argparse.Namespace, off_client: Any, payloa
         print(f"service, capture off / on (alternating): {n} each", file=sys.stderr)
         on_server = ServerProcess(on_config).start(timeout=args.start_timeout)
         try:
-            with httpx.Client(base_url=on_server.url, timeout=300) as on_client:
+            with Client(on_server.url, admin_token="wesam-bench", timeout=300, max_retries=0) as on_client:
                 lat: dict[str, list[float]] = {"off": [], "on": []}
                 t_start = time.perf_counter()
                 for i in range(n + warm):
                     for key, c, payload in (("off", off_client, payloads[2 * i]), ("on", on_client, payloads[2 * i + 1])):
                         t0 = time.perf_counter()
-                        r = c.post("/segment", json={"image": payload, "boxes": [box]})
-                        if r.status_code != 200:
-                            raise RuntimeError(f"/segment answered {r.status_code}: {r.text[:300]}")
+                        c.segment(payload, boxes=[box])
                         if i >= warm:
                             lat[key].append((time.perf_counter() - t0) * 1000)
                 wall = time.perf_counter() - t_start
                 time.sleep(1.0)  # let the capture thread write what it still holds
-                stats = on_client.get("/capture/stats", headers={"Authorization": "Bearer wesam-bench"}).json()
+                stats = on_client.capture_stats()
         finally:
             on_server.cleanup()
     off, on = _summary(lat["off"], wall / 2), _summary(lat["on"], wall / 2)
@@ -268,20 +260,12 @@ def _batch_totals(metrics: str) -> tuple[float, float]:
 
 
 def _grpc_segment(url: str, files: list[bytes], box: list[float]) -> Callable[[int], Any]:
-    """A full gRPC request per call: the encoded file as a BYTES tensor, one box."""
-    import tritonclient.grpc as grpcclient
+    """A full gRPC request per call: the encoded file as a BYTES tensor, one box (masks back as the
+    UINT8 tensor, not converted: nothing looks at them)."""
+    from wesam.client import GrpcClient
 
-    client = grpcclient.InferenceServerClient(url)
-    boxes = np.asarray([box], np.float32)
-
-    def call(i: int) -> Any:
-        image = grpcclient.InferInput("IMAGE", [1], "BYTES")
-        image.set_data_from_numpy(np.array([files[i]], dtype=np.object_))
-        prompt = grpcclient.InferInput("BOXES", list(boxes.shape), "FP32")
-        prompt.set_data_from_numpy(boxes)
-        return client.infer("segment", [image, prompt]).as_numpy("MASKS")
-
-    return call
+    client = GrpcClient(url, timeout=300, max_retries=0)
+    return lambda i: client.segment(files[i], boxes=[box])
 
 
 def markdown(result: dict[str, Any], concurrency: int) -> str:
@@ -365,11 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.warmup < 0 or args.concurrency < 2:
         p.error("--requests must be >= 1, --warmup >= 0, --concurrency >= 2")
 
+    from wesam.client import WesamClientError
     from wesam.sam.zoo import ModelLoadError
 
     try:
         result = run(args)
-    except (ModelLoadError, RuntimeError, TimeoutError, OSError) as e:
+    except (ModelLoadError, RuntimeError, TimeoutError, OSError, WesamClientError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from wesam.bench.results import report
