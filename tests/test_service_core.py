@@ -395,7 +395,7 @@ def test_cache_is_lru_bounded_by_bytes() -> None:
         assert cache.put(k, _entry(300))
     assert cache.get("a") is not None  # a is now the most recent
     cache.put("d", _entry(300))  # evicts b, the least recently used
-    assert "b" not in cache and {"a", "c", "d"} <= set(cache._items) and cache.nbytes == 900
+    assert "b" not in cache and all(k in cache for k in "acd") and cache.nbytes == 900
     assert cache.get("b") is None
     assert not cache.put("huge", _entry(2000)) and cache.stats.rejected == 1
     cache.put("e", _entry(400, adapter="polyp@v1"))  # evicts c
@@ -405,6 +405,26 @@ def test_cache_is_lru_bounded_by_bytes() -> None:
     assert cache.drop_adapter("polyp@v1") == 1 and cache.nbytes == 600
     empty = EmbeddingCache(0)
     assert not empty.put("a", _entry(4)) and empty.get("a") is None
+
+
+def test_cache_keeps_reused_embeddings_through_a_burst_of_new_images() -> None:
+    """Segmented LRU: an entry hit once more (an image_id follow-up) survives more one-off images than
+    the cache holds; among one-off images the least recently used goes first, as before."""
+    cache = EmbeddingCache(1000)
+    for k in ("hot", "cold"):
+        cache.put(k, _entry(100))
+    assert cache.get("hot") is not None
+    for i in range(30):  # 30 one-off images of 100 bytes through a 10-entry cache
+        cache.put(f"new{i}", _entry(100))
+    assert "hot" in cache and "cold" not in cache and len(cache) == 10 and cache.nbytes == 1000
+    assert all(f"new{i}" in cache for i in range(21, 30)) and "new20" not in cache
+    # the protected part is bounded: protecting more than 80 % of the bytes demotes its oldest entries
+    for i in range(21, 30):
+        assert cache.get(f"new{i}") is not None
+    assert cache._protected_bytes <= 800 and len(cache) == 10
+    cache.put("newest", _entry(100))  # evicts from probation: a demoted entry, never a protected one
+    assert all(k in cache for k in list(cache._protected)) and cache.nbytes == 1000
+    assert cache.drop_adapter("base") == 10 and cache.nbytes == 0 and cache._protected_bytes == 0
 
 
 # -- engine (router + runtime + cache) ---------------------------------------------------------------
