@@ -5,7 +5,8 @@ Measures on one model (``sam-mini`` unless ``--model``):
 * full request (new image, one box): p50/p95 latency and sequential throughput of the service
   (the encoded file in a multipart upload, COCO RLE out, as ``wesam.client.Client`` sends and reads
   them; through BentoML's front and model-runtime processes) against ``SamPredictorCore.predict`` on
-  the decoded array in this process -> overhead ratio;
+  the decoded array in this process -> overhead ratio (``--runtime onnx``: against the ONNX Runtime
+  predictor of the same exported graphs, so the ratio stays the cost of serving);
 * prompt-only request on a cached embedding (``image_id``) against the full request -> speed-up;
 * the same full request over the KServe-v2 gRPC endpoint (``wesam.client.GrpcClient``, the JPEG file
   as a BYTES tensor, masks back as a UINT8 tensor) -> its overhead ratio, reported the same way
@@ -113,7 +114,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     box = _box(size)
     cursor = iter(range(len(pool)))
 
-    predictor = SamPredictorCore(model.sam, args.device)
+    onnx_cache = None
+    if args.runtime == "onnx":
+        # The same runtime in process as in the server (one export, shared through the cache folder),
+        # so the overhead ratio measures serving, not the difference between ONNX Runtime and PyTorch.
+        import tempfile
+
+        from wesam.service.runtime import OnnxRuntime
+
+        onnx_cache = tempfile.mkdtemp(prefix="wesam-bench-onnx-")
+        predictor: Any = OnnxRuntime(model, onnx_cache, threads=threads).base
+    else:
+        predictor = SamPredictorCore(model.sam, args.device)
     prompts = Prompts(boxes=np.asarray([box], np.float32))
     inproc_images = [pool[next(cursor)] for _ in range(n + warm)]
     print(f"in-process: {n} requests on {model.name} ({threads} torch threads)", file=sys.stderr)
@@ -122,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     config = ServeConfig(model=str(pathlib.Path(args.model).resolve()) if pathlib.Path(args.model).is_file()
                          else args.model, checkpoint=args.checkpoint, registry=args.registry, runtime=args.runtime,
                          device=args.device, threads=threads, workers=args.workers, cache_mb=args.cache_mb,
+                         onnx_cache=onnx_cache,
                          grpc_port=None if args.no_grpc else free_port(), poll_seconds=0)
     server = None
     if args.url:
@@ -190,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "model": model.name, "model_sha256": model.sha256, "img_size": model.config.img_size,
         "image_size": list(size), "image_format": args.format, "threads": threads, "device": args.device,
         "runtime": args.runtime,
+        "in_process_predictor": type(predictor).__name__,
         "front_workers": args.workers, "requests": n, "warmup": warm,
         "in_process": inproc, "service_full": full, "service_cached": cached,
         "overhead_ratio": full["p50_ms"] / inproc["p50_ms"],
@@ -273,7 +287,8 @@ def markdown(result: dict[str, Any], concurrency: int) -> str:
 
     many = result[f"throughput_{concurrency}_clients"]
     rows = [
-        ("in-process `SamPredictorCore.predict` (new image, 1 box)", result["in_process"]),
+        (f"in-process `{result.get('in_process_predictor', 'SamPredictorCore')}.predict` (new image, 1 box)",
+         result["in_process"]),
         ("service `/segment`, new image, 1 box", result["service_full"]),
         ("service `/segment`, cached `image_id`, 1 box", result["service_cached"]),
         *((("gRPC `ModelInfer`, new image (file as BYTES), 1 box", result["grpc_full"]),)
