@@ -306,7 +306,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             clip_to_box=args.clip_to_box, clip_margin=args.clip_margin, respect_points=args.respect_points,
             point_radius=args.point_radius, confidence_quantile=args.confidence_quantile,
             anchor_kind=args.anchor_kind, anchor_clip=args.anchor_clip, select=args.select,
-            work_dir=args.work_dir,
+            grad_checkpointing=args.grad_checkpointing, work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
         trainer = AdaptationTrainer(cfg)
         summary = trainer.run(resume=args.resume, publish=not args.no_publish)
@@ -411,7 +411,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
            "serve": "wesam.bench.serve", "load": "wesam.bench.load", "export": "wesam.bench.export_speed",
-           "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online"}
+           "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online",
+           "adapt-vitb": "wesam.bench.adapt_vitb"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -537,6 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--anchor-clip", type=float, default=4.0, help="logit range of --anchor-kind logit")
     d.add_argument("--select", default="best", choices=["best", "fixed"],
                    help="publish the best state on validation, or the state at exactly --steps")
+    d.add_argument("--grad-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute the image encoder's blocks in the backward pass instead of keeping their "
+                        "activations: less memory, one more encoder forward per pass with gradient (auto: on "
+                        "for 1024 px models such as vit_b, off for sam-mini)")
     d.add_argument("--eval-every", type=int, default=50, help="steps between validations")
     d.add_argument("--val-fraction", type=float, default=0.12)
     d.add_argument("--seed", type=int, default=0)

@@ -17,7 +17,9 @@ Options that leave the faithful method as the default (docs/adaptation.md, "Adap
 ``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
 ``anchor_kind`` holds the anchor's soft prediction (logit/prob) instead of its hard mask (dice),
 ``select="fixed"`` publishes the last step instead of the best on validation. Every run
-reports its speed (steps/s and the share of step time per phase).
+reports its speed (steps/s and the share of step time per phase). ``grad_checkpointing``
+recomputes the encoder blocks of passes with gradient during the backward pass instead of keeping
+their activations (``auto``: on for 1024 px models), see :mod:`.checkpointing`.
 
 Hooks for the online worker (wesam.adapters.online), all optional: ``data=`` trains on samples
 held in memory instead of loading ``cfg.data``; ``model=`` uses an already loaded base model;
@@ -68,6 +70,7 @@ from ..lora import (
 from ..lora.layer import SEP
 from ..registry import Registry
 from . import DEFAULT_LR, DEFAULT_METHOD, METHODS
+from . import checkpointing as GC
 from . import constraints as C
 from . import losses as L
 from .data import AdaptSample, load_adaptation_data
@@ -77,7 +80,7 @@ ADAPTER = "train"
 EMA_ADAPTER = "ema"
 SELECT_RULES = ("best", "fixed")
 # Settings that do not change the training trajectory: a resumed run may change them.
-RESUME_IGNORED = {"steps", "work_dir", "registry", "eval_every", "device", "select"}
+RESUME_IGNORED = {"steps", "work_dir", "registry", "eval_every", "device", "select", "grad_checkpointing"}
 
 
 @dataclass
@@ -118,6 +121,9 @@ class AdaptConfig:
     anchor_kind: str = "dice"  # dice (the reference), logit (clamped smooth-L1) or prob (MSE)
     anchor_clip: float = L.ANCHOR_LOGIT_CLIP  # logit range of anchor_kind="logit"
     select: str = "best"  # best: best-on-validation state; fixed: the state at exactly `steps`
+    # Recompute the image encoder's blocks in the backward pass instead of keeping their activations
+    # (auto: on when the model's input is >= 1024 px, i.e. the official models; off for sam-mini).
+    grad_checkpointing: str = "auto"
     weights: dict[str, float] = field(default_factory=lambda: {
         "focal": 20.0, "dice": 1.0, "iou": 1.0, "anchor": 1.0, "contrast": 1.0,
         "box": 1.0, "pairwise": 1.0, "point": 1.0, "coarse": 1.0, "oracle_focal": 20.0, "oracle_dice": 1.0})
@@ -143,6 +149,9 @@ class AdaptConfig:
             raise ValueError(f"confidence quantile must be in [0, 1), got {self.confidence_quantile}")
         if self.clip_margin < 0 or self.point_radius < 0 or self.anchor_clip <= 0:
             raise ValueError("clip margin and point radius must be >= 0 and the anchor clip > 0")
+        if self.grad_checkpointing not in GC.MODES:
+            raise ValueError(f"unknown grad-checkpointing mode {self.grad_checkpointing!r}; "
+                             f"choose from {', '.join(GC.MODES)}")
         if self.pull < 0 or self.drift_scale <= 0:
             raise ValueError(f"pull must be >= 0 and drift_scale > 0, got {self.pull} and {self.drift_scale}")
         self.lora_targets = tuple(self.lora_targets)
@@ -265,6 +274,7 @@ class AdaptationTrainer:
         self.params = trainable_parameters(sam, ADAPTER)
         set_adapter(sam, ADAPTER)
         self.sam = sam
+        self.grad_checkpointing = GC.resolve(cfg.grad_checkpointing, sam.image_encoder.img_size)
         self.transform = SamTransform(sam.image_encoder.img_size, sam.prompt_encoder.mask_input_size[0])
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self._pin = self._pin_targets(pin) if cfg.pull > 0 else None
@@ -484,6 +494,7 @@ class AdaptationTrainer:
         weak = torch.stack([v[0].image for v in views])
         strong = torch.stack([v[1].image for v in views])
         sam = self.sam
+        ckpt = self.grad_checkpointing  # only passes with gradient are checkpointed (teacher, student)
         needs_teacher_grad = cfg.method in ("anchor", "wesam", "wesam+") and not cfg.ema_decay
         e_a = e_t = None
         with self.clock("encoder_forward"):
@@ -495,11 +506,11 @@ class AdaptationTrainer:
                     with torch.no_grad(), use_adapter(sam, EMA_ADAPTER):
                         e_t = sam.image_encoder(weak)
                 elif needs_teacher_grad:
-                    e_t = sam.image_encoder(weak)
+                    e_t = GC.encode(sam.image_encoder, weak, ckpt)
                 else:
                     with torch.no_grad():
                         e_t = sam.image_encoder(weak)
-            e_s = sam.image_encoder(strong)
+            e_s = GC.encode(sam.image_encoder, strong, ckpt)
         total = torch.zeros((), device=self.device)
         terms: dict[str, float] = {}
         for i, (wv, sv) in enumerate(views):
@@ -527,7 +538,9 @@ class AdaptationTrainer:
             g["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         # The gradient reaches the image embeddings once the decoder's backward is done (autograd runs
-        # later-created nodes first); what follows is the encoders' backward.
+        # later-created nodes first); what follows is the encoders' backward. With two encoder passes with
+        # gradient (teacher and student) the split is the *first* embedding reached: the student's encoder
+        # backward runs before the teacher's embedding hook fires, and belongs to the encoder.
         reached: list[float] = []
         for e in (e_t, e_s):
             if e is not None and e.requires_grad:
@@ -535,7 +548,7 @@ class AdaptationTrainer:
         b0 = self.clock.now()
         total.backward()
         b1 = self.clock.now()
-        split = max(reached) if reached else b1
+        split = min(reached) if reached else b1
         self.clock.add("decoder_backward", split - b0)
         self.clock.add("encoder_backward", b1 - split)
         if self.world > 1:
@@ -681,6 +694,7 @@ class AdaptationTrainer:
             "select": cfg.select, "selected_step": selected,
             "seconds": round(self.seconds, 1), "val_before": _brief(self.val_before), "val_after": _brief(after),
             "n_train": len(self.train), "n_val": len(self.val), "speed": speed,
+            "grad_checkpointing": self.grad_checkpointing,
         }
         self.log(f"published state: step {selected} ({cfg.select})")
         if speed["steps"]:
@@ -728,6 +742,7 @@ class AdaptationTrainer:
                      "n_train": len(self.train), "n_val": len(self.val)},
             "steps": self.step, "seed": cfg.seed, "train_seconds": round(self.seconds, 1),
             "selection": {"rule": cfg.select, "step": summary["selected_step"]},
+            "grad_checkpointing": self.grad_checkpointing,
             "metrics": {"before": summary["val_before"], "after": summary["val_after"],
                         "measured_on": "validation split carved from the adaptation data"},
             "config": cfg.to_json(),
