@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
+from adapt_support import make_adapt_setup
 
 from wesam.adapters.adapt import constraints as C
 from wesam.adapters.adapt import losses as L
@@ -24,7 +24,6 @@ from wesam.adapters.lora import adapter_state
 from wesam.adapters.registry import Registry
 from wesam.data.weak import derive_weak_labels
 from wesam.sam.transforms import SamTransform
-from wesam.sam.zoo import resolve_model, save_safetensors
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,24 +153,7 @@ def test_strong_view_keeps_geometry() -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapt")
-    root = tmp / "polyps"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    stems = [f"p{i}" for i in range(10)]
-    for i, stem in enumerate(stems):
-        img = rng.integers(60, 120, (48, 64, 3), dtype=np.uint8)
-        mask = np.zeros((48, 64), np.uint8)
-        cv2.ellipse(mask, (20 + 2 * i, 24), (10, 7), 0, 0, 360, 255, -1)
-        img[mask > 0] = (200, 90, 80)
-        cv2.imwrite(str(root / "images" / f"{stem}.jpg"), img[..., ::-1])
-        cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
-    (root / "split.json").write_text(json.dumps({"train": stems[:8], "test": stems[8:]}))
-    m = resolve_model("sam-micro", seed=0)
-    model_path = tmp / "micro.safetensors"
-    save_safetensors(m.sam, model_path, name="sam-micro", config=m.config)
-    return tmp, root, model_path
+    return make_adapt_setup(tmp_path_factory.mktemp("adapt"), n_images=10, n_train=8)
 
 
 def _cfg(setup, **kw) -> AdaptConfig:

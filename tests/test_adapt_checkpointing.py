@@ -9,38 +9,20 @@ import json
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
+from adapt_support import make_adapt_setup
+
 from wesam.adapters.adapt import checkpointing as GC
 from wesam.adapters.adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig
 from wesam.adapters.lora import adapter_state, load_adapter_state
 from wesam.adapters.registry import Registry
-
-from wesam.sam.zoo import SAM_MICRO, SAM_MINI, ZOO, resolve_model, save_safetensors
+from wesam.sam.zoo import SAM_MICRO, SAM_MINI, ZOO, resolve_model
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("adapt-ckpt")
-    root = tmp / "polyps"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    stems = [f"p{i}" for i in range(6)]
-    for i, stem in enumerate(stems):
-        img = rng.integers(60, 120, (48, 64, 3), dtype=np.uint8)
-        mask = np.zeros((48, 64), np.uint8)
-        cv2.ellipse(mask, (20 + 2 * i, 24), (10, 7), 0, 0, 360, 255, -1)
-        img[mask > 0] = (200, 90, 80)
-        cv2.imwrite(str(root / "images" / f"{stem}.jpg"), img[..., ::-1])
-        cv2.imwrite(str(root / "masks" / f"{stem}.png"), mask)
-    (root / "split.json").write_text(json.dumps({"train": stems[:5], "test": stems[5:]}))
-    m = resolve_model("sam-micro", seed=0)
-    model_path = tmp / "micro.safetensors"
-    save_safetensors(m.sam, model_path, name="sam-micro", config=m.config)
-    return tmp, root, model_path
+    return make_adapt_setup(tmp_path_factory.mktemp("adapt-ckpt"), n_images=6, n_train=5)
 
 
 def _trainer(setup, **kw) -> AdaptationTrainer:
