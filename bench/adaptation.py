@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from wesam.adapters.adapt.trainer import AdaptationTrainer, AdaptConfig
@@ -99,22 +100,31 @@ def targets(data_root: Path, cache: Path, names: list[str]) -> dict[str, Path]:
     return out
 
 
+def cell_work_dir(work: Path, target: str, prompt: str, row: Row, steps: int, seed: int, lr: float,
+                  model_sha256: str | None) -> Path:
+    """Checkpoints of one cell: everything that makes a cell distinct is in the name, so cells of
+    another seed or base model never resume each other's runs."""
+    return work / (f"{target}-{prompt}-{row.name.replace(' ', '_')}-{steps}-lr{lr:g}-seed{seed}-"
+                   f"{(model_sha256 or 'random')[:12]}")
+
+
 def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: int, seed: int,
              work: Path, lr: float = AdaptConfig.lr) -> dict[str, Any]:
     t0 = time.time()
     spec = PromptSpec(prompt, seed=seed)
     test = FolderDataset(data, "test", skip_bad=True)
     speed = None
+    base = resolve_model(model)
     if row.method is None:
-        base = resolve_model(model)
         res = evaluate(SamPredictorCore(base.sam), test, spec)
         steps_done = 0
         val = None
     else:
         cfg = AdaptConfig(data=str(data), domain=target.replace("_", "-"), model=model, prompt=prompt,
                           method=row.method, steps=steps, lr=lr, seed=seed, registry=None, skip_bad=True,
-                          work_dir=str(work / f"{target}-{prompt}-{row.name.replace(' ', '_')}"), **row.extra)
-        a = AdaptationTrainer(cfg, log=lambda *_: None)
+                          work_dir=str(cell_work_dir(work, target, prompt, row, steps, seed, lr, base.sha256)),
+                          **row.extra)
+        a = AdaptationTrainer(cfg, log=lambda *_: None, model=base)
         summary = a.run(publish=False)
         with use_adapter(a.sam, "train"):
             res = evaluate(SamPredictorCore(a.sam), test, spec)
@@ -123,7 +133,8 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
                "selected_step": summary["selected_step"]}
         speed = summary["speed"]
     return {"target": target, "prompt": prompt, "row": row.name, "miou": res["miou"], "f1": res["f1"],
-            "box_filled_miou": res["box_filled"]["miou"], "n_images": res["n_images"], "steps": steps_done,
+            "box_filled_miou": res["box_filled"]["miou"], "ellipse_miou": res["ellipse"]["miou"],
+            "n_images": res["n_images"], "steps": steps_done,
             "val": val, "speed": speed, "seconds": round(time.time() - t0, 1)}
 
 
@@ -145,8 +156,8 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
                                                 key=lambda c: order.get(c["row"], len(order)))}
             direct = rows.get("direct")
             lines += [f"### {target}, {prompt} prompts", "",
-                      "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | minutes | steps/s | enc |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | ellipse | minutes | steps/s | enc |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for name, c in rows.items():
                 delta = c["miou"] - direct["miou"] if direct else float("nan")
                 oracle_name = "oracle r16 q,k,v,proj" if "r16" in name else "oracle"
@@ -158,9 +169,47 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
                 rate = f"{sp['steps_per_s']:.3f}" if sp.get("steps") else "-"
                 enc = (f"{sp['share']['encoder_forward'] + sp['share']['encoder_backward']:.0%}"
                        if sp.get("steps") else "-")
+                ellipse = f"{c['ellipse_miou']:.4f}" if c.get("ellipse_miou") is not None else "-"
                 lines.append(f"| {name} | {c['miou']:.4f} | {c['f1']:.4f} | {delta:+.4f} | {frac} | "
-                             f"{c['box_filled_miou']:.4f} | {c['seconds'] / 60:.1f} | {rate} | {enc} |")
+                             f"{c['box_filled_miou']:.4f} | {ellipse} | {c['seconds'] / 60:.1f} | {rate} | {enc} |")
             lines.append("")
+    return "\n".join(lines)
+
+
+def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str | None:
+    """Rows run with several seeds (same base, steps and lr): mean ± sample std over seeds, the
+    gain over direct testing's mean, and the fraction of the oracle's mean gain. None when no
+    row has two seeds yet."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for key, c in results.items():
+        groups.setdefault((c["target"], c["prompt"], c["row"]), []).append({**c, "seed": int(key.split("|")[5])})
+    if not any(len(v) > 1 for v in groups.values()):
+        return None
+    order = {r.name: i for i, r in enumerate(ROWS)}
+    lines = ["## Adaptation over seeds (headline rows)", "",
+             f"Base `{meta['model']}` (sha256 `{meta['model_sha256'][:16]}…`), {meta['steps']} steps at lr "
+             f"{meta['lr']:g}; each row run once per seed with `wesam bench adaptation --seed S` (the seed draws the "
+             "validation carve, the batches and the prompts' points); test splits. mIoU as mean ± sample standard "
+             "deviation over the seeds listed; Δ and \"of oracle\" use the means.", ""]
+    for target, prompt in dict.fromkeys((t, p) for t, p, _ in groups):
+        rows = sorted(((r, cs) for (t, p, r), cs in groups.items() if (t, p) == (target, prompt)),
+                      key=lambda rc: order.get(rc[0], len(order)))
+        means = {r: float(np.mean([c["miou"] for c in cs])) for r, cs in rows}
+        direct, oracle = means.get("direct"), means.get("oracle")
+        first = rows[0][1][0]
+        ellipse = f"{first['ellipse_miou']:.4f}" if first.get("ellipse_miou") is not None else "-"
+        lines += [f"### {target}, {prompt} prompts (box filled {first['box_filled_miou']:.4f}, ellipse {ellipse})", "",
+                  "| row | seeds | mIoU mean ± std | Δ vs direct | of oracle |", "|---|---|---|---|---|"]
+        for r, cs in rows:
+            vals = [c["miou"] for c in cs]
+            std = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
+            delta = f"{means[r] - direct:+.4f}" if direct is not None else "-"
+            frac = (f"{(means[r] - direct) / (oracle - direct):.2f}"
+                    if direct is not None and oracle is not None and r != "direct" and oracle != direct else "-")
+            seeds = ",".join(str(c["seed"]) for c in sorted(cs, key=lambda c: c["seed"]))
+            spread = f" ± {std:.4f}" if len(vals) > 1 else ""
+            lines.append(f"| {r} | {seeds} | {means[r]:.4f}{spread} | {delta} | {frac} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -266,8 +315,13 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_results:
                     suffix = f"|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
                     current = {k: v for k, v in results.items() if k.endswith(suffix)}
+                    over_seeds = {k: v for k, v in results.items()
+                                  if k.endswith(f"|{model.sha256}") and k.split("|")[3:5] == [str(args.steps), f"{args.lr:g}"]}
+                    seeds_md = seeds_markdown(over_seeds, meta)
                     with _locked(out_path):
                         write_section("adaptation", to_markdown(current, meta))
+                        if seeds_md:
+                            write_section("adaptation-seeds", seeds_md)
     return 0
 
 

@@ -246,6 +246,7 @@ def test_cli_publishes_a_verified_version(setup) -> None:
     art = Registry(setup[0] / "cli-reg").resolve("polyp")
     meta = art.meta
     assert meta["method"] == "wesam" and meta["prompt"] == "box" and meta["steps"] == 3
+    assert meta["supervision"]["kind"] == "weak" and "boxes" in meta["supervision"]["labels"]
     assert meta["base_model"]["sha256"] and meta["data"]["fingerprint"]
     assert set(meta["metrics"]) >= {"before", "after"}
 
@@ -503,6 +504,22 @@ def test_resume_accepts_checkpoints_from_before_the_new_options(setup) -> None:
                                 log=lambda *_: None)
     with pytest.raises(RuntimeError, match="clip_to_box"):
         changed.resume()
+
+
+def test_resume_refuses_a_checkpoint_made_on_other_base_weights(setup) -> None:
+    work = str(setup[0] / "other-base-work")
+    first = AdaptationTrainer(_cfg(setup, steps=2, method="self-training", work_dir=work), log=lambda *_: None)
+    first.run(publish=False)
+    state = torch.load(first.ckpt_path, weights_only=True)
+    assert state["base_sha256"] == first.base.sha256
+    state["base_sha256"] = "0" * 64  # as if the same model name now named new weights
+    torch.save(state, first.ckpt_path)
+    again = AdaptationTrainer(_cfg(setup, steps=3, method="self-training", work_dir=work), log=lambda *_: None)
+    with pytest.raises(RuntimeError, match="other base weights"):
+        again.resume()
+    state.pop("base_sha256")  # checkpoints written before the field existed still resume
+    torch.save(state, first.ckpt_path)
+    assert again.resume() and again.step == 2
 
 
 def test_cli_takes_the_v2_options(setup) -> None:

@@ -60,3 +60,25 @@ def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
     line = next(x for x in md.splitlines() if x.startswith("| wesam fixed |"))
     assert line.endswith("| 0.500 | 70% |")
     assert next(x for x in md.splitlines() if x.startswith("| direct |")).endswith("| - | - |")
+
+
+def test_seed_summary_gives_mean_and_spread_over_seeds(tmp_path: Path) -> None:
+    from wesam.bench.adaptation import ROWS, cell_work_dir, seeds_markdown
+
+    meta = {"model": "sam-mini", "model_sha256": "ab" * 32, "steps": 400, "lr": 1e-4}
+    one_seed = {"kvasir_seg|box|wesam|400|0.0001|0|x": _cell("wesam", 0.70)}
+    assert seeds_markdown(one_seed, meta) is None  # nothing to summarise with one seed
+    cells = {}
+    for seed, (d, w, o) in enumerate([(0.60, 0.64, 0.70), (0.60, 0.66, 0.72), (0.60, 0.65, 0.71)]):
+        for row, v in (("direct", d), ("wesam", w), ("oracle", o)):
+            cells[f"kvasir_seg|box|{row}|400|0.0001|{seed}|x"] = {**_cell(row, v), "ellipse_miou": 0.79}
+    md = seeds_markdown(cells, meta)
+    line = next(x for x in md.splitlines() if x.startswith("| wesam |"))
+    assert "| 0,1,2 | 0.6500 ± 0.0100 | +0.0500 | 0.45 |" in line  # (0.65-0.60)/(0.71-0.60)
+    assert "ellipse 0.7900" in md
+
+    # Cells differing only in seed or base weights never share checkpoints.
+    row = next(r for r in ROWS if r.name == "wesam+ +conf q0.2")
+    dirs = {cell_work_dir(tmp_path, "kvasir_seg", "box", row, 400, s, 1e-4, sha)
+            for s in (0, 1) for sha in ("a" * 64, "b" * 64)}
+    assert len(dirs) == 4 and all(" " not in d.name for d in dirs)

@@ -606,6 +606,9 @@ class AdaptationTrainer:
             "history": json.dumps(self.history),
             "val_before": json.dumps(self.val_before),
             "config": json.dumps(self.cfg.to_json()),
+            # The model's name alone does not identify it: the shipped sam-mini changes between
+            # releases, and a LoRA resumed onto other base weights would be meaningless.
+            "base_sha256": self.base.sha256 or "",
         }
         tmp = self.ckpt_path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -622,6 +625,11 @@ class AdaptationTrainer:
         diff = {k for k in mine if k not in RESUME_IGNORED and saved.get(k, defaults.get(k)) != mine[k]}
         if diff:
             raise RuntimeError(f"{self.ckpt_path} was made with different settings ({', '.join(sorted(diff))}); "
+                               "use another --work-dir or --no-resume")
+        saved_base = state.get("base_sha256")
+        if saved_base is not None and saved_base != (self.base.sha256 or ""):
+            raise RuntimeError(f"{self.ckpt_path} was trained on other base weights of {self.cfg.model!r} "
+                               f"(sha256 {saved_base[:12] or 'random'}…, now {(self.base.sha256 or 'random')[:12]}…); "
                                "use another --work-dir or --no-resume")
         load_adapter_state(self.sam, ADAPTER, state["adapter"])
         if self.cfg.ema_decay and state["ema"]:
@@ -738,6 +746,7 @@ class AdaptationTrainer:
             + (f"+confq{cfg.confidence_quantile}" if cfg.confidence_quantile else "")
             + (f"+anchor-{cfg.anchor_kind}" if cfg.anchor_kind != "dice" else ""),
             "prompt": cfg.prompt,
+            "supervision": supervision_of(cfg),
             "data": {"path": str(cfg.data), "split": cfg.split, "fingerprint": self.fingerprint,
                      "n_train": len(self.train), "n_val": len(self.val)},
             "steps": self.step, "seed": cfg.seed, "train_seconds": round(self.seconds, 1),
@@ -750,6 +759,20 @@ class AdaptationTrainer:
         with reg.staging(cfg.domain) as staged:
             save_adapter(staged, self.base, ADAPTER, domain=cfg.domain, extra=extra)
         return reg.publish(staged, cfg.domain)
+
+
+def supervision_of(cfg: AdaptConfig) -> dict[str, str]:
+    """What labels an adapter was trained from, for its ``adapter.json`` (readers should not have
+    to know that ``oracle`` means ground-truth masks)."""
+    if cfg.method == "oracle":
+        return {"kind": "full", "labels": "ground-truth masks of the adaptation split"}
+    labels = {
+        "box": "tight boxes of the ground-truth instances (no masks)",
+        "point": f"{cfg.n_points[0]} positive + {cfg.n_points[1]} negative points per instance (no masks)",
+        "coarse": "coarse masks (degraded ground truth)",
+        "coarse-box": "coarse masks and their boxes (degraded ground truth)",
+    }.get(cfg.prompt, cfg.prompt)
+    return {"kind": "weak", "labels": labels}
 
 
 def _brief(res: dict[str, Any] | None) -> dict[str, Any] | None:
