@@ -155,3 +155,21 @@ def test_sam_mini_decoder_width() -> None:
         sam_mini_config(100)
     cmd = reproduce_command(_config_json(PretrainConfig(model_config=c)))
     assert "--decoder-dim 128" in cmd
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_without_cuda_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        Pretrainer(_cfg(tmp_path, device="cuda"), log=lambda *_: None)
+    with pytest.raises(ValueError, match="--device"):
+        Pretrainer(_cfg(tmp_path, device="toaster"), log=lambda *_: None)
+    cmd = reproduce_command(_config_json(PretrainConfig(out_dir="runs/x", device="cuda")))
+    assert "--device cuda" in cmd and "--device" not in reproduce_command(_config_json(PretrainConfig()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_training_on_cuda_resumes_and_validates(tmp_path: Path) -> None:
+    t = Pretrainer(_cfg(tmp_path, device="cuda"), log=lambda *_: None)
+    assert t.run()["steps"] == 2 and next(t.sam.parameters()).is_cuda
+    resumed = Pretrainer(_cfg(tmp_path, steps=3, device="cuda"), log=lambda *_: None)
+    assert resumed.resume() and resumed.run()["steps"] == 3

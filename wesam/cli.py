@@ -339,7 +339,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                          warmup_steps=args.warmup_steps, tight_box_frac=args.tight_box_frac,
                          box_jitter_std=args.box_jitter_std, box_jitter_max_px=args.box_jitter_max_px,
                          inbox_weight=args.inbox_weight, things_only=args.things_only, init_from=args.init_from,
-                         synth_prob=args.synthetic_prob, region_prob=args.region_prob,
+                         synth_prob=args.synthetic_prob, region_prob=args.region_prob, device=args.device,
                          model_config=sam_mini_config(args.decoder_dim))
     if args.synthetic_only:
         cfg.data_root = None
@@ -586,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", metavar="MODEL",
                    help="warm start from these weights (zoo name or file) of the same architecture")
     t.add_argument("--threads", type=int)
+    t.add_argument("--device", default="cpu",
+                   help="train on cpu or cuda[:N] (the data pipeline stays on the CPU); a run may resume "
+                        "on another device")
     t.add_argument("--no-resume", dest="resume", action="store_false", help="ignore an existing checkpoint")
     t.add_argument("--ship", metavar="DIR", help="after training, write fp16 weights + manifest to DIR "
                                                  "(models/sam-mini ships the embedded default)")

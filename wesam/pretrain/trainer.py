@@ -83,6 +83,9 @@ class PretrainConfig:
     ckpt_every_min: float = 3.0
     n_synth_val: int = 100
     threads: int | None = None
+    # Where the model trains ("cpu", "cuda", "cuda:1"). The data pipeline (augmentation, prompt
+    # sampling) stays on the CPU; only the network and its losses move.
+    device: str = "cpu"
     model_config: SamConfig = SAM_MINI
 
     def schedule_progress(self, step: int, elapsed_s: float) -> float:
@@ -157,6 +160,23 @@ def _sigterm_as_interrupt() -> Any:
     return signal.signal(signal.SIGTERM, interrupt)
 
 
+def _training_device(name: str) -> torch.device:
+    """The device to train on, refused with a clear message when this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: PyTorch sees no CUDA device here "
+                             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: use cpu or cuda[:N]")
+    return device
+
+
 def _machine() -> str:
     return f"{platform.node()} {platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
 
@@ -169,11 +189,12 @@ class Pretrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.device = _training_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.sam = build_sam(cfg.model_config)
         if cfg.init_from:
             self._warm_start(cfg.init_from)
-        self.sam.train()
+        self.sam.to(self.device).train()
         self.box_recipe = BoxPromptRecipe(cfg.tight_box_frac, cfg.box_jitter_std, cfg.box_jitter_max_px)
         self.transform = SamTransform(cfg.model_config.img_size, cfg.model_config.low_res_size)
         self.opt = torch.optim.AdamW(self.sam.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -258,9 +279,9 @@ class Pretrainer:
         size = cfg.model_config.img_size
         batch = [self.mixture.sample(self.step, j) for j in range(cfg.batch_size)]
         rng = np.random.default_rng([cfg.seed, self.step, 10_000])
-        images = torch.stack([self.transform.image_to_tensor(im)[0] for im, _, _ in batch])
+        images = torch.stack([self.transform.image_to_tensor(im)[0] for im, _, _ in batch]).to(self.device)
         feats = sam.image_encoder(images)
-        total = torch.zeros(())
+        total = torch.zeros((), device=self.device)
         for i, (im, masks, _) in enumerate(batch):
             if len(masks) > cfg.max_prompts:
                 masks = masks[rng.choice(len(masks), cfg.max_prompts, replace=False)]
@@ -269,6 +290,7 @@ class Pretrainer:
             gts[:, 0, :h, :w] = torch.as_tensor(masks, dtype=torch.float32)
             res = cfg.loss_resolution
             gts = F.interpolate(gts, (res, res), mode="area")[:, 0] if res != size else gts[:, 0]
+            gts = gts.to(self.device)
             mode = MODES[int(rng.choice(len(MODES), p=MODE_WEIGHTS))]
             prompts = initial_prompts(masks, mode, rng, self.transform, feats.device, self.box_recipe)
             inbox = box_regions(prompts.boxes, res, size / res) if prompts.boxes is not None else None
@@ -296,7 +318,7 @@ class Pretrainer:
     # -- validation
     def validate(self) -> dict[str, Any]:
         self.sam.eval()
-        pred = SamPredictorCore(self.sam)
+        pred = SamPredictorCore(self.sam, device=self.device)  # (the default would move it to the CPU)
         res: dict[str, Any] = {"step": self.step, "minutes": round(self.elapsed / 60, 2)}
         res["synthetic_box"] = evaluate(pred, self.synth_val, PromptSpec("box"))["miou"]
         res["synthetic_click"] = evaluate(pred, self.synth_val, PromptSpec("point", n_points=(1, 0)))["miou"]
@@ -392,7 +414,7 @@ RECIPE_FLAGS = {
     "batch_size": "--batch-size", "max_prompts": "--max-prompts", "warmup_steps": "--warmup-steps",
     "tight_box_frac": "--tight-box-frac", "box_jitter_std": "--box-jitter-std",
     "box_jitter_max_px": "--box-jitter-max-px", "inbox_weight": "--inbox-weight", "init_from": "--init-from",
-    "synth_prob": "--synthetic-prob", "region_prob": "--region-prob",
+    "synth_prob": "--synthetic-prob", "region_prob": "--region-prob", "device": "--device",
 }
 
 
@@ -450,7 +472,8 @@ def ship(run_dir: str | Path, dest_dir: str | Path, *, machine: str | None = Non
                      "never_seen": ["kvasir_seg", "cvc_clinicdb", "all test splits"]},
             "steps": int(state["step"]),
             "wall_minutes": round(float(state["elapsed"]) / 60, 1),
-            "machine": machine or f"{_machine()}; training used {cfg.get('threads') or 'all'} thread(s)",
+            "machine": machine or (f"{_machine()}; training used {cfg.get('threads') or 'all'} thread(s)"
+                                   + (f" and {cfg['device']}" if cfg.get("device", "cpu") != "cpu" else "")),
         },
         "selected": json.loads((run_dir / "best.json").read_text()),
         "validation_history": history,
