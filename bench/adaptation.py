@@ -130,7 +130,9 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
             res = evaluate(SamPredictorCore(a.sam), test, spec)
         steps_done = summary["steps"]
         val = {"before": summary["val_before"], "after": summary["val_after"],
-               "selected_step": summary["selected_step"]}
+               "selected_step": summary["selected_step"],
+               # the validation curve, for `wesam bench adaptation-figures` and readers of the JSON
+               "curve": [[h["step"], h["val_miou"]] for h in a.history]}
         speed = summary["speed"]
     return {"target": target, "prompt": prompt, "row": row.name, "miou": res["miou"], "f1": res["f1"],
             "box_filled_miou": res["box_filled"]["miou"], "ellipse_miou": res["ellipse"]["miou"],

@@ -410,6 +410,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
+           "adaptation-figures": "wesam.bench.adaptation_figures",
            "serve": "wesam.bench.serve", "load": "wesam.bench.load", "export": "wesam.bench.export_speed",
            "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online",
            "adapt-vitb": "wesam.bench.adapt_vitb"}
