@@ -260,7 +260,11 @@ def test_interrupted_run_publishes_nothing(setup, sig, code) -> None:
         [sys.executable, "-m", "wesam.cli", "adapt", "--model", str(model_path), "--data", str(root),
          "--domain", "polyp", "--registry", str(reg.root), "--steps", "100000", "--batch-size", "2",
          "--eval-every", "1", "--work-dir", str(work)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A test runner started in the background (`nohup ... &`) passes SIGINT on as ignored, and
+        # Python then never raises KeyboardInterrupt: give the child the default disposition, as a
+        # terminal would, so Ctrl-C is what is tested.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not (work / "checkpoint.pt").exists():  # training is under way
         assert p.poll() is None, p.communicate()[1]
