@@ -100,6 +100,19 @@ def targets(data_root: Path, cache: Path, names: list[str]) -> dict[str, Path]:
     return out
 
 
+# A cell's key in the results JSON: these fields joined by "|" (row names hold no "|").
+KEY_FIELDS = ("target", "prompt", "row", "steps", "lr", "seed", "model_sha256")
+
+
+def cell_key(target: str, prompt: str, row: str, steps: int, lr: float, seed: int, model_sha256: str | None) -> str:
+    return f"{target}|{prompt}|{row}|{steps}|{lr:g}|{seed}|{model_sha256}"
+
+
+def key_fields(key: str) -> dict[str, str]:
+    """The fields of a cell key, by name (see KEY_FIELDS)."""
+    return dict(zip(KEY_FIELDS, key.split("|")))
+
+
 def cell_work_dir(work: Path, target: str, prompt: str, row: Row, steps: int, seed: int, lr: float,
                   model_sha256: str | None) -> Path:
     """Checkpoints of one cell: everything that makes a cell distinct is in the name, so cells of
@@ -184,7 +197,7 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
     row has two seeds yet."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for key, c in results.items():
-        groups.setdefault((c["target"], c["prompt"], c["row"]), []).append({**c, "seed": int(key.split("|")[5])})
+        groups.setdefault((c["target"], c["prompt"], c["row"]), []).append({**c, "seed": int(key_fields(key)["seed"])})
     if not any(len(v) > 1 for v in groups.values()):
         return None
     order = {r.name: i for i, r in enumerate(ROWS)}
@@ -303,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     for target, data in paths.items():
         for prompt in args.prompts:
             for name in args.rows:
-                key = f"{target}|{prompt}|{name}|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
+                key = cell_key(target, prompt, name, args.steps, args.lr, args.seed, model.sha256)
                 if not claim(out_path, key, args.worker):
                     continue
                 print(f"[{time.strftime('%H:%M:%S')}] {target} {prompt} {name} ...", flush=True)
@@ -315,10 +328,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    mIoU {cell['miou']:.4f} (box filled {cell['box_filled_miou']:.4f}) "
                       f"in {cell['seconds'] / 60:.1f} min", flush=True)
                 if not args.no_results:
-                    suffix = f"|{args.steps}|{args.lr:g}|{args.seed}|{model.sha256}"
-                    current = {k: v for k, v in results.items() if k.endswith(suffix)}
+                    # This run's settings on this base: every seed for the summary, this seed for the table.
+                    same = {"steps": str(args.steps), "lr": f"{args.lr:g}", "model_sha256": str(model.sha256)}
                     over_seeds = {k: v for k, v in results.items()
-                                  if k.endswith(f"|{model.sha256}") and k.split("|")[3:5] == [str(args.steps), f"{args.lr:g}"]}
+                                  if all(key_fields(k)[f] == want for f, want in same.items())}
+                    current = {k: v for k, v in over_seeds.items() if key_fields(k)["seed"] == str(args.seed)}
                     seeds_md = seeds_markdown(over_seeds, meta)
                     with _locked(out_path):
                         write_section("adaptation", to_markdown(current, meta))

@@ -33,13 +33,9 @@ from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_fro
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.zoo import resolve_model
 
-from .adaptation import ROWS, Row, cell_work_dir, targets
+from .adaptation import ROWS, Row, cell_key, cell_work_dir, targets
 
 DEFAULT_ROWS = ("wesam", "wesam+", "oracle")
-
-
-def cell_key(target: str, prompt: str, row: str, steps: int, lr: float, seed: int, sha: str) -> str:
-    return f"{target}|{prompt}|{row}|{steps}|{lr:g}|{seed}|{sha}"
 
 
 def published_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -191,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = PromptSpec(args.prompt, seed=args.seed)
     predictor = SamPredictorCore(sam)
     columns = ["ground truth", "direct", *args.rows]
-    wanted = set(int(x) for x in picks)
+    wanted = {int(x) for x in picks}
     panels, per_image = [], {name: [] for name in ["direct", *args.rows]}
     # Every test image is scored (not only the pictured ones), so that the report can say how the
     # gain is spread: a mean can hide an adapter that fixes a few failures and nudges most images down.

@@ -27,7 +27,7 @@ def test_figures_show_the_published_states_of_the_table(tmp_path: Path) -> None:
     assert [step for step, _ in trained["val"]["curve"]] == [2]  # validated at the last step (eval_every 50)
 
     out = tmp / "figures"
-    assert adaptation_figures.main([*[a for a in common if a not in ("--targets",)], "--target", "kvasir_seg",
+    assert adaptation_figures.main([*common, "--target", "kvasir_seg",
                                     "--prompt", "box", "--rows", "self-training", "oracle", "--images", "3",
                                     "--out", str(out), "--threads", "1"]) == 0
     from PIL import Image
