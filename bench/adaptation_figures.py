@@ -30,6 +30,7 @@ from wesam.adapters.lora import LoraConfig, add_adapter, load_adapter_state, use
 from wesam.data import FolderDataset
 from wesam.data.weak import derive_weak_labels
 from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
+from wesam.evaluation.metrics import SegmentationMeter
 from wesam.sam.predictor import SamPredictorCore
 from wesam.sam.zoo import resolve_model
 
@@ -47,13 +48,6 @@ def published_state(checkpoint: Path) -> tuple[dict[str, Any], dict[str, torch.T
     history = json.loads(state["history"])
     chosen = state["adapter"] if cfg.get("select", "best") == "fixed" else (state["best_state"] or state["adapter"])
     return cfg, chosen, history
-
-
-def instance_ious(pred: np.ndarray, gts: np.ndarray) -> np.ndarray:
-    """IoU of each predicted mask with its own ground-truth instance, (N,)."""
-    inter = (pred & gts).reshape(len(gts), -1).sum(1)
-    union = (pred | gts).reshape(len(gts), -1).sum(1)
-    return np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
 
 def draw_curves(curves: dict[str, list[tuple[int, float]]], direct_val: float | None,
@@ -167,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
                                           targets=tuple(cfg["lora_targets"])))
         load_adapter_state(sam, name, state)
         cell = cells.get(cell_key(args.target, args.prompt, name, args.steps, args.lr, args.seed, model.sha256))
-        before = (cell or {}).get("val", {}) or {}
-        if before.get("before"):
-            direct_val = before["before"]["miou"]
+        val = (cell or {}).get("val") or {}
+        if val.get("before"):
+            direct_val = val["before"]["miou"]
         curves[name] = ([(0, direct_val)] if direct_val is not None else []) + \
             [(h["step"], h["val_miou"]) for h in history]
-        if before.get("selected_step") is not None:
-            selected[name] = int(before["selected_step"])
+        if val.get("selected_step") is not None:
+            selected[name] = int(val["selected_step"])
 
     args_desc = f"{args.target}, {args.prompt} prompts, {args.steps} steps, seed {args.seed}"
     out = Path(args.out)
@@ -188,7 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     predictor = SamPredictorCore(sam)
     columns = ["ground truth", "direct", *args.rows]
     wanted = {int(x) for x in picks}
-    panels, per_image = [], {name: [] for name in ["direct", *args.rows]}
+    panels = []
+    # The project's own metric (as `wesam eval`): each meter keeps its per-image mean instance IoU.
+    meters = {name: SegmentationMeter() for name in ["direct", *args.rows]}
     # Every test image is scored (not only the pictured ones), so that the report can say how the
     # gain is spread: a mean can hide an adapter that fixes a few failures and nudges most images down.
     with torch.inference_mode():
@@ -200,23 +196,22 @@ def main(argv: list[str] | None = None) -> int:
             for name in ["direct", *args.rows]:
                 with use_adapter(sam, None if name == "direct" else name):
                     masks[name] = predict_instances(predictor, s.image, prompts, spec.multimask)
-                ious[name] = float(instance_ious(masks[name], s.instances).mean())
-                per_image[name].append(ious[name])
+                ious[name] = meters[name].add_image(masks[name], s.instances)[0]
             if i in wanted:
-                panels.append({"image": s.image, "label": label, "masks": masks, "iou": ious})
+                panels.append({"stem": s.stem, "image": s.image, "label": label, "masks": masks, "iou": ious})
     grid_png = out / f"adaptation-grid-{args.target}-{args.prompt}.jpg"  # photographs: JPEG is ~5x smaller
     draw_grid(panels, columns, f"{args_desc}: evenly spaced test images, mean instance IoU per panel", grid_png)
-    direct = np.asarray(per_image["direct"])
+    direct = np.asarray(meters["direct"].image_iou)
     spread = {}
     for name in args.rows:
-        delta = np.asarray(per_image[name]) - direct
-        spread[name] = {"miou": round(float(np.mean(per_image[name])), 4), "better": int((delta > 0.005).sum()),
+        delta = np.asarray(meters[name].image_iou) - direct
+        spread[name] = {"miou": round(meters[name].summary()["miou"], 4), "better": int((delta > 0.005).sum()),
                         "worse": int((delta < -0.005).sum()), "within_0.005": int((abs(delta) <= 0.005).sum()),
                         "median_delta": round(float(np.median(delta)), 4),
                         "mean_delta": round(float(np.mean(delta)), 4),
                         "largest_gain": round(float(delta.max()), 4), "largest_loss": round(float(delta.min()), 4)}
     print(json.dumps({"curves": str(curves_png), "grid": str(grid_png), "rows": args.rows,
-                      "images": [test[i].stem for i in sorted(wanted)],
+                      "images": [p["stem"] for p in panels],
                       "direct_miou": round(float(direct.mean()), 4), "per_image_vs_direct": spread}, indent=2))
     return 0
 

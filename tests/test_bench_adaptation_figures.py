@@ -52,5 +52,8 @@ def test_published_state_follows_the_selection_rule(tmp_path: Path) -> None:
                     "best_state": best}, ckpt)
         _, state, _ = adaptation_figures.published_state(ckpt)
         assert torch.equal(state["a"], want["a"])
-    ious = adaptation_figures.instance_ious(np.array([[[1, 1], [0, 0]]], bool), np.array([[[1, 0], [0, 0]]], bool))
-    assert ious.tolist() == [0.5]
+    # Panels are scored with the project's metric: one image, one instance, IoU 1/2.
+    from wesam.evaluation.metrics import SegmentationMeter
+
+    iou, _ = SegmentationMeter().add_image(np.array([[[1, 1], [0, 0]]], bool), np.array([[[1, 0], [0, 0]]], bool))
+    assert iou == 0.5
