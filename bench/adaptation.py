@@ -188,7 +188,41 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
                 lines.append(f"| {name} | {c['miou']:.4f} | {c['f1']:.4f} | {delta:+.4f} | {frac} | "
                              f"{c['box_filled_miou']:.4f} | {ellipse} | {c['seconds'] / 60:.1f} | {rate} | {enc} |")
             lines.append("")
+    lines += corruption_average_markdown(cells)
     return "\n".join(lines)
+
+
+def corruption_average_markdown(cells: list[dict[str, Any]]) -> list[str]:
+    """Per prompt, each row's mIoU averaged over the corrupted coco128 targets (the issue's
+    criterion is the average over the 4 corruptions); only rows measured on every corruption
+    present, so an average never mixes a partial set. Empty when no corrupted target was run."""
+    lines: list[str] = []
+    corrupted = [c for c in cells if c["target"].startswith("coco128-")]
+    order = {r.name: i for i, r in enumerate(ROWS)}
+    for prompt in dict.fromkeys(c["prompt"] for c in corrupted):
+        here = [c for c in corrupted if c["prompt"] == prompt]
+        names = sorted(dict.fromkeys(c["target"] for c in here))
+        by_row: dict[str, dict[str, dict[str, Any]]] = {}
+        for c in here:
+            by_row.setdefault(c["row"], {})[c["target"]] = c
+        complete = {r: cs for r, cs in by_row.items() if len(cs) == len(names)}
+        if not complete:
+            continue
+        mean = {r: float(np.mean([cs[t]["miou"] for t in names])) for r, cs in complete.items()}
+        direct = mean.get("direct")
+        first = next(iter(complete.values()))
+        floors = (f"box filled {np.mean([first[t]['box_filled_miou'] for t in names]):.4f}"
+                  + (f", ellipse {np.mean([first[t]['ellipse_miou'] for t in names]):.4f}"
+                     if all(first[t].get("ellipse_miou") is not None for t in names) else ""))
+        lines += [f"### coco128, {prompt} prompts: mean over {len(names)} corruptions ({floors})", "",
+                  f"Corruptions: {', '.join(t.split('-', 1)[1] for t in names)} (severity 5); rows measured on all of them.", "",
+                  "| row | mIoU (mean) | Δ vs direct | per corruption |", "|---|---|---|---|"]
+        for r in sorted(complete, key=lambda r: order.get(r, len(order))):
+            delta = f"{mean[r] - direct:+.4f}" if direct is not None else "-"
+            per = " / ".join(f"{complete[r][t]['miou']:.4f}" for t in names)
+            lines.append(f"| {r} | {mean[r]:.4f} | {delta} | {per} |")
+        lines.append("")
+    return lines
 
 
 def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str | None:

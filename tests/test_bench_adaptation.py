@@ -82,3 +82,17 @@ def test_seed_summary_gives_mean_and_spread_over_seeds(tmp_path: Path) -> None:
     dirs = {cell_work_dir(tmp_path, "kvasir_seg", "box", row, 400, s, 1e-4, sha)
             for s in (0, 1) for sha in ("a" * 64, "b" * 64)}
     assert len(dirs) == 4 and all(" " not in d.name for d in dirs)
+
+
+def test_corrupted_coco128_rows_are_averaged_over_the_corruptions_measured() -> None:
+    cells = {}
+    for target, (d, w) in {"coco128-fog": (0.48, 0.50), "coco128-motion_blur": (0.50, 0.54)}.items():
+        for row, v in (("direct", d), ("wesam", w)):
+            cells[f"{target}|{row}"] = {**_cell(row, v), "target": target, "box_filled_miou": 0.56, "ellipse_miou": 0.60}
+    cells["partial"] = {**_cell("oracle", 0.9), "target": "coco128-fog"}  # not on every corruption: left out
+    md = to_markdown(cells, {"model": "m", "steps": 400, "seed": 0, "machine": "t"})
+    assert "### coco128, box prompts: mean over 2 corruptions (box filled 0.5600, ellipse 0.6000)" in md
+    summary = md.split("mean over 2 corruptions")[1]
+    assert "| wesam | 0.5200 | +0.0300 | 0.5000 / 0.5400 |" in summary  # fog, motion_blur in name order
+    assert "| oracle |" not in summary
+    assert "mean over" not in to_markdown({"d": _cell("direct", 0.6)}, {"model": "m", "steps": 400, "seed": 0, "machine": "t"})
