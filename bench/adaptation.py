@@ -64,6 +64,8 @@ ROWS = (
     Row("wesam+ r16 q,k,v,proj", "wesam+", {"lora_rank": 16, "lora_targets": ("q", "k", "v", "proj")}),
     Row("oracle r16 q,k,v,proj", "oracle", {"lora_rank": 16, "lora_targets": ("q", "k", "v", "proj")}),
 )
+# Tables list rows in ROWS order; rows not in ROWS (older JSON) go last.
+ROW_ORDER = {r.name: i for i, r in enumerate(ROWS)}
 QUICK_ROWS = ("direct", "self-training", "anchor", "wesam", "wesam+", "oracle")
 
 
@@ -164,11 +166,10 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
              "and steps; \"steps/s\" = training steps per second (validation excluded), \"enc\" = the "
              "share of step time in the image encoder's forward + backward (the full split is in the JSON).", ""]
     cells = list(results.values())
-    order = {r.name: i for i, r in enumerate(ROWS)}
     for target in dict.fromkeys(c["target"] for c in cells):
         for prompt in dict.fromkeys(c["prompt"] for c in cells if c["target"] == target):
             rows = {c["row"]: c for c in sorted((c for c in cells if c["target"] == target and c["prompt"] == prompt),
-                                                key=lambda c: order.get(c["row"], len(order)))}
+                                                key=lambda c: ROW_ORDER.get(c["row"], len(ROW_ORDER)))}
             direct = rows.get("direct")
             lines += [f"### {target}, {prompt} prompts", "",
                       "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | ellipse | minutes | steps/s | enc |",
@@ -198,7 +199,6 @@ def corruption_average_markdown(cells: list[dict[str, Any]]) -> list[str]:
     present, so an average never mixes a partial set. Empty when no corrupted target was run."""
     lines: list[str] = []
     corrupted = [c for c in cells if c["target"].startswith("coco128-")]
-    order = {r.name: i for i, r in enumerate(ROWS)}
     for prompt in dict.fromkeys(c["prompt"] for c in corrupted):
         here = [c for c in corrupted if c["prompt"] == prompt]
         names = sorted(dict.fromkeys(c["target"] for c in here))
@@ -217,7 +217,7 @@ def corruption_average_markdown(cells: list[dict[str, Any]]) -> list[str]:
         lines += [f"### coco128, {prompt} prompts: mean over {len(names)} corruptions ({floors})", "",
                   f"Corruptions: {', '.join(t.split('-', 1)[1] for t in names)} (severity 5); rows measured on all of them.", "",
                   "| row | mIoU (mean) | Δ vs direct | per corruption |", "|---|---|---|---|"]
-        for r in sorted(complete, key=lambda r: order.get(r, len(order))):
+        for r in sorted(complete, key=lambda r: ROW_ORDER.get(r, len(ROW_ORDER))):
             delta = f"{mean[r] - direct:+.4f}" if direct is not None else "-"
             per = " / ".join(f"{complete[r][t]['miou']:.4f}" for t in names)
             lines.append(f"| {r} | {mean[r]:.4f} | {delta} | {per} |")
@@ -234,7 +234,6 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
         groups.setdefault((c["target"], c["prompt"], c["row"]), []).append({**c, "seed": int(key_fields(key)["seed"])})
     if not any(len(v) > 1 for v in groups.values()):
         return None
-    order = {r.name: i for i, r in enumerate(ROWS)}
     lines = ["## Adaptation over seeds (headline rows)", "",
              f"Base `{meta['model']}` (sha256 `{meta['model_sha256'][:16]}…`), {meta['steps']} steps at lr "
              f"{meta['lr']:g}; each row run once per seed with `wesam bench adaptation --seed S` (the seed draws the "
@@ -242,7 +241,7 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
              "deviation over the seeds listed; Δ and \"of oracle\" use the means.", ""]
     for target, prompt in dict.fromkeys((t, p) for t, p, _ in groups):
         rows = sorted(((r, cs) for (t, p, r), cs in groups.items() if (t, p) == (target, prompt)),
-                      key=lambda rc: order.get(rc[0], len(order)))
+                      key=lambda rc: ROW_ORDER.get(rc[0], len(ROW_ORDER)))
         means = {r: float(np.mean([c["miou"] for c in cs])) for r, cs in rows}
         direct, oracle = means.get("direct"), means.get("oracle")
         first = rows[0][1][0]
