@@ -22,7 +22,7 @@ from wesam.adapters.adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig
 from wesam.adapters.adapt.views import flip_view, strong_photometric
 from wesam.adapters.lora import adapter_state
 from wesam.adapters.registry import Registry
-from wesam.data.weak import derive_weak_labels
+from wesam.data.weak import derive_weak_labels, inscribed_ellipse_masks
 from wesam.sam.transforms import SamTransform
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -417,6 +417,41 @@ def test_clip_to_box_constrains_pseudo_and_anchor_labels(setup, monkeypatch) -> 
         assert torch.equal(after[region], before[region])
     # the untrained model predicts foreground outside the box somewhere, so the clip did something
     assert (st[0][1][~region] > 0).any() or (an[0][2][~region] > 0).any()
+
+
+def test_ellipse_prior_draws_the_ellipse_floor() -> None:
+    boxes = np.array([[3, 4, 20, 9], [0, 0, 30, 30], [10, 10, 10, 12]], np.float64)
+    prior = C.ellipse_prior(torch.as_tensor(boxes), (32, 40))
+    assert prior.shape == (3, 32, 40)
+    assert np.array_equal((prior >= 0).numpy(), inscribed_ellipse_masks(boxes, (32, 40)))
+    assert prior[1, 15, 15].item() == pytest.approx(1.0)  # the centre of box 1
+    assert prior.max() <= 1.0
+
+
+def test_box_prior_shifts_pseudo_and_anchor_labels_towards_the_ellipse(setup, monkeypatch) -> None:
+    st = _capture(monkeypatch, "self_training_loss")
+    an = _capture(monkeypatch, "anchor_loss")
+    plain = AdaptationTrainer(_cfg(setup, method="anchor", clip_to_box=True), log=lambda *_: None)
+    weak, _, _ = _losses_once(plain)
+    ellipse = C.ellipse_prior(weak.box_pixels, weak.input_size) >= 0
+    region = C.box_region(weak.box_pixels, weak.input_size, plain.cfg.clip_margin)
+    # a weight beyond any logit: the labels are the ellipse (up to its rim, where 1 - r^2 is ~0)
+    strong = AdaptationTrainer(_cfg(setup, method="anchor", clip_to_box=True, box_prior=1000.0), log=lambda *_: None)
+    _losses_once(strong)
+    for labels in (st[1][1], an[1][2]):  # pseudo-labels, anchor labels
+        assert (labels.bool() == (ellipse & region)).float().mean() > 0.99
+    # a mild prior changes fewer labels than a dominant one (it moves only the pixels where the model is unsure)
+    mild = AdaptationTrainer(_cfg(setup, method="anchor", clip_to_box=True, box_prior=0.05), log=lambda *_: None)
+    _losses_once(mild)
+    changed = st[2][1] != st[0][1]
+    assert changed.float().mean() < (st[1][1] != st[0][1]).float().mean()
+    assert plain.cfg.run_name != strong.cfg.run_name and "-prior1000" in strong.cfg.run_name
+    terms = strong.train_step()
+    assert math.isfinite(terms["loss"])
+    with pytest.raises(ValueError, match="box prompts"):
+        _cfg(setup, prompt="point", box_prior=2.0)
+    with pytest.raises(ValueError, match="finite"):
+        _cfg(setup, box_prior=0.0)
 
 
 def test_respect_points_fixes_labelled_disks(setup, monkeypatch) -> None:

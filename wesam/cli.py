@@ -305,6 +305,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, pairwise=args.pairwise,
             clip_to_box=args.clip_to_box, clip_margin=args.clip_margin, respect_points=args.respect_points,
             point_radius=args.point_radius, confidence_quantile=args.confidence_quantile,
+            box_prior=args.box_prior,
             anchor_kind=args.anchor_kind, anchor_clip=args.anchor_clip, select=args.select,
             grad_checkpointing=args.grad_checkpointing, work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
@@ -411,6 +412,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
 BENCHES = {"source": "wesam.bench.source_model", "source-breakdown": "wesam.bench.source_breakdown",
            "adaptation": "wesam.bench.adaptation", "adaptation-drift": "wesam.bench.adaptation_drift",
            "adaptation-figures": "wesam.bench.adaptation_figures",
+           "pseudo-label-prior": "wesam.bench.pseudo_label_prior",
            "serve": "wesam.bench.serve", "load": "wesam.bench.load", "export": "wesam.bench.export_speed",
            "pretrain-curve": "wesam.bench.pretrain_curve", "online": "wesam.bench.online",
            "adapt-vitb": "wesam.bench.adapt_vitb"}
@@ -527,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="box prompts: pseudo-label and anchor-label pixels outside the box (dilated by "
                         "--clip-margin) are background")
     d.add_argument("--clip-margin", type=int, default=2, help="box dilation in px at the model's input frame")
+    d.add_argument("--box-prior", type=float, metavar="W",
+                   help="box prompts: add W * (1 - r^2) of each box's inscribed ellipse to the teacher's and "
+                        "anchor's logits before they become labels (a shape prior where the model is unsure)")
     d.add_argument("--respect-points", action="store_true",
                    help="point prompts: pseudo-labels and anchor labels take each labelled point's label "
                         "in a disk of --point-radius px")

@@ -7,6 +7,10 @@ input frame (the resized image before padding), the frame the trainer's logits a
   is tight, so no pixel of the object lies outside it: clipping pseudo-labels to it is free and
   exact (up to the margin, which absorbs resampling).
 - :func:`paint_points`: a small disk around each labelled point takes the point's label.
+- :func:`ellipse_prior`: a shape prior drawn from each box, 1 − r² of the ellipse inscribed in it
+  (1 at the centre, 0 on the ellipse, negative towards the corners). Added to a box-prompted
+  model's logits with a weight, it decides where the model is unsure and yields where the model is
+  sure: the ellipse alone is a better mask than a weak source's (the "ellipse" quality floor).
 - :func:`quantile_weight`: ignore the ``q`` fraction of in-box pixels where the teacher is least
   sure (smallest |logit|), a rule on the model's own logit scale instead of a fixed threshold.
 """
@@ -43,6 +47,22 @@ def box_region(boxes: torch.Tensor, size: tuple[int, int], margin: int = 0) -> t
     b = boxes.round().long()[:, :, None, None]
     return ((xs >= b[:, 0] - margin) & (xs <= b[:, 2] + margin)
             & (ys >= b[:, 1] - margin) & (ys <= b[:, 3] + margin))
+
+
+def ellipse_prior(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 4) inclusive pixel boxes xyxy -> (N, h, w) float: 1 − r², r the normalised radius of the
+    ellipse inscribed in each box (r = 1 on it), drawn as :func:`wesam.data.weak.inscribed_ellipse_masks`
+    draws the ellipse floor: ``ellipse_prior(...) >= 0`` is that mask in this frame."""
+    h, w = size
+    b = boxes.round().to(torch.float64)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    rx = ((b[:, 2] - b[:, 0] + 1) / 2).clamp_min(0.5)
+    ry = ((b[:, 3] - b[:, 1] + 1) / 2).clamp_min(0.5)
+    ys = torch.arange(h, device=boxes.device, dtype=torch.float64)
+    xs = torch.arange(w, device=boxes.device, dtype=torch.float64)
+    dy = ((ys[None, :] - cy[:, None]) / ry[:, None]) ** 2  # (N, h)
+    dx = ((xs[None, :] - cx[:, None]) / rx[:, None]) ** 2  # (N, w)
+    return (1.0 - dy[:, :, None] - dx[:, None, :]).to(torch.float32)
 
 
 def _disk(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ view). Methods, from weakest to strongest supervision:
 
 Options that leave the faithful method as the default (docs/adaptation.md, "Adaptation v2"):
 ``clip_to_box``/``respect_points`` apply the weak label to the pseudo-labels and anchor labels,
-``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
+``box_prior`` adds a weighted inscribed-ellipse shape prior to the teacher's and anchor's logits
+before they become labels (see :func:`.constraints.ellipse_prior`), ``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
 ``anchor_kind`` holds the anchor's soft prediction (logit/prob) instead of its hard mask (dice),
 ``select="fixed"`` publishes the last step instead of the best on validation. Every run
 reports its speed (steps/s and the share of step time per phase). ``grad_checkpointing``
@@ -116,6 +117,10 @@ class AdaptConfig:
     clip_margin: int = 2  # px at the model's input frame
     respect_points: bool = False  # point prompts: a disk of point_radius px takes the point's label
     point_radius: int = 2  # px at the model's input frame
+    # Box prompts: add box_prior * (1 - r^2) of each box's inscribed ellipse to the teacher's and the
+    # anchor's logits before they become labels (None: off). The model's own logits inside a box
+    # are near +-0.3 on a weak source, so a weight of 2 lets the prior decide until the model is sure.
+    box_prior: float | None = None
     # Ignore this fraction of in-box pixels with the smallest |teacher logit| (per image):
     confidence_quantile: float | None = None
     anchor_kind: str = "dice"  # dice (the reference), logit (clamped smooth-L1) or prob (MSE)
@@ -147,6 +152,10 @@ class AdaptConfig:
             raise ValueError(f"unknown selection rule {self.select!r}; choose from {', '.join(SELECT_RULES)}")
         if self.confidence_quantile is not None and not 0.0 <= self.confidence_quantile < 1.0:
             raise ValueError(f"confidence quantile must be in [0, 1), got {self.confidence_quantile}")
+        if self.box_prior is not None and not (0.0 < self.box_prior < float("inf")):
+            raise ValueError(f"box prior weight must be finite and > 0, got {self.box_prior}")
+        if self.box_prior is not None and self.prompt not in ("box", "coarse-box"):
+            raise ValueError(f"a box prior needs box prompts (--prompt box or coarse-box), not {self.prompt!r}")
         if self.clip_margin < 0 or self.point_radius < 0 or self.anchor_clip <= 0:
             raise ValueError("clip margin and point radius must be >= 0 and the anchor clip > 0")
         if self.grad_checkpointing not in GC.MODES:
@@ -162,6 +171,7 @@ class AdaptConfig:
         extra = (f"-ema{self.ema_decay}" if self.ema_decay else "") + (f"-conf{self.confidence}" if self.confidence else "")
         extra += "-pairwise" if self.pairwise else ""
         extra += f"-clip{self.clip_margin}" if self.clip_to_box else ""
+        extra += f"-prior{self.box_prior:g}" if self.box_prior else ""
         extra += f"-pts{self.point_radius}" if self.respect_points else ""
         extra += f"-confq{self.confidence_quantile}" if self.confidence_quantile else ""
         extra += f"-anchor{self.anchor_kind}" if self.anchor_kind != "dice" else ""
@@ -424,7 +434,8 @@ class AdaptationTrainer:
         else:
             t_low, t_full, _ = self._decode(sam, e_t, weak)
         region = self._box_region(weak)
-        pseudo = self._constrain((t_full.detach() > 0).float(), weak, region, 1.0, 0.0)
+        prior = self._prior(weak)
+        pseudo = self._constrain((t_full.detach() + prior > 0).float(), weak, region, 1.0, 0.0)
         weight = (t_full.detach().abs() >= cfg.confidence).float() if cfg.confidence else None
         if cfg.confidence_quantile:
             q = C.quantile_weight(t_full.detach(), cfg.confidence_quantile, region)
@@ -434,13 +445,13 @@ class AdaptationTrainer:
             with torch.no_grad():
                 a_low, a_full, _ = self._decode(self.anchor, e_a, weak)
             if cfg.anchor_kind == "dice":
-                a_lab = self._constrain((a_full > 0).float(), weak, region, 1.0, 0.0)
+                a_lab = self._constrain((a_full + prior > 0).float(), weak, region, 1.0, 0.0)
                 if cfg.ema_decay:  # the EMA teacher has no gradient: tie the student only
                     out["anchor"] = L.dice_loss(s_full, a_lab, per_mask=False)
                 else:
                     out["anchor"] = L.anchor_loss(s_full, t_full, a_lab)
             else:  # hold the anchor's soft prediction; constraints set saturated logits
-                a_tgt = self._constrain(a_full, weak, region, 1e4, -1e4)
+                a_tgt = self._constrain(a_full + prior, weak, region, 1e4, -1e4)
                 out["anchor"] = L.anchor_hold_loss(s_full, a_tgt, cfg.anchor_kind, cfg.anchor_clip)
                 if not cfg.ema_decay:
                     out["anchor"] = 0.5 * out["anchor"] + 0.5 * L.anchor_hold_loss(
@@ -466,6 +477,12 @@ class AdaptationTrainer:
         if v.box_pixels is None or not (self.cfg.clip_to_box or self.cfg.confidence_quantile):
             return None
         return C.box_region(v.box_pixels, v.input_size, self.cfg.clip_margin)
+
+    def _prior(self, v: _View) -> torch.Tensor | float:
+        """(N, h, w) box_prior * (1 - r²) of each box's inscribed ellipse, or 0.0 (no prior or no box)."""
+        if not self.cfg.box_prior or v.box_pixels is None:
+            return 0.0
+        return self.cfg.box_prior * C.ellipse_prior(v.box_pixels, v.input_size)
 
     def _constrain(self, x: torch.Tensor, v: _View, region: torch.Tensor | None, pos: float, neg: float
                    ) -> torch.Tensor:
@@ -743,6 +760,7 @@ class AdaptationTrainer:
             "method": cfg.method + (f"+ema{cfg.ema_decay}" if cfg.ema_decay else "")
             + (f"+conf{cfg.confidence}" if cfg.confidence else "")
             + ("+clip" if cfg.clip_to_box else "") + ("+points" if cfg.respect_points else "")
+            + (f"+prior{cfg.box_prior:g}" if cfg.box_prior else "")
             + (f"+confq{cfg.confidence_quantile}" if cfg.confidence_quantile else "")
             + (f"+anchor-{cfg.anchor_kind}" if cfg.anchor_kind != "dice" else ""),
             "prompt": cfg.prompt,
