@@ -1,0 +1,37 @@
+"""`wesam bench pseudo-label-prior`: the quality of box-prompted pseudo-labels with the ellipse prior."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from adapt_support import make_adapt_setup
+from wesam.adapters.adapt.data import load_adaptation_data
+from wesam.bench.pseudo_label_prior import main, prior_label_quality
+
+from wesam.evaluation.evaluate import PromptSpec, evaluate
+from wesam.sam.predictor import SamPredictorCore
+from wesam.sam.zoo import resolve_model
+
+
+def test_prior_label_quality_spans_model_to_ellipse(tmp_path) -> None:
+    _, root, model_path = make_adapt_setup(tmp_path, n_images=12, n_train=12)
+    _, val, _ = load_adaptation_data(root, "train", "box", val_fraction=0.5)
+    predictor = SamPredictorCore(resolve_model(str(model_path)).sam)
+    res = prior_label_quality(predictor, val, [0.0, 1e6])
+    assert set(res) == {"W=0", "W=1e+06", "unclipped", "ellipse"}
+    floors = evaluate(predictor, val, PromptSpec("box"))
+    # the prior alone is the ellipse floor, scored the same way as `wesam eval` scores it
+    assert res["ellipse"] == pytest.approx(floors["ellipse"]["miou"], abs=1e-9)
+    # an overwhelming prior is the ellipse (up to its rim, where 1 - r^2 is ~0)
+    assert res["W=1e+06"] == pytest.approx(res["ellipse"], abs=0.02)
+    # the model alone, unclipped, is what `wesam eval` reports for direct testing
+    assert res["unclipped"] == pytest.approx(floors["miou"], abs=1e-9)
+
+    out = tmp_path / "prior.json"
+    assert main(["--data", str(root), "--model", str(model_path), "--weights", "0", "2", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    cell = doc["results"][root.name]
+    assert cell["n_images"] >= 1 and {"W=0", "W=2", "ellipse"} <= set(cell)
+    with pytest.raises(SystemExit):
+        main(["--data", str(root), "--model", str(model_path), "--weights", "-1", "--json", str(out)])
