@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"model": model.model_id, "clip_margin": args.clip_margin, "split": "validation part of train",
                            "results": {}}
     for data in args.data:
-        _, val, _ = load_adaptation_data(data, "train", "box")
+        # skip_bad as `wesam bench adaptation` does: a few coco128 masks hold no instance above the size floor
+        _, val, _ = load_adaptation_data(data, "train", "box", skip_bad=True)
         res = prior_label_quality(predictor, val, args.weights, args.clip_margin, progress=True)
         out["results"][Path(data).name] = {"n_images": len(val), **res}
         print(Path(data).name, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
