@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from wesam.bench.adaptation import claim, release, save_cell, to_markdown
 
 
@@ -46,6 +48,11 @@ def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
     assert rows["wesam +anchor logit"].extra == {"anchor_kind": "logit"}
     assert rows["wesam +anchor prob"].extra == {"anchor_kind": "prob"}
     assert rows["wesam fixed"].extra == {"select": "fixed"}
+    # box-prior rows run on box cells only: the trainer refuses a box prior without boxes
+    for name in ("wesam +prior", "wesam +ellipse labels", "wesam +ellipse labels r16 q,k,v,proj"):
+        assert rows[name].prompts == ("box",) and rows[name].extra["box_prior"] > 0
+        with pytest.raises(ValueError, match="box prompts"):
+            AdaptConfig(data="d", domain="x", method=rows[name].method, prompt="point", **rows[name].extra)
     names = set()
     for r in ROWS:
         if r.method is not None:
