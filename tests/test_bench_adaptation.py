@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from wesam.bench.adaptation import claim, release, save_cell, to_markdown
 
 
