@@ -1,6 +1,6 @@
 """How good are a model's box-prompted pseudo-labels, and what does the box's shape prior add?
 
-    wesam bench pseudo-label-prior --data ../shared/data/kvasir_seg [--weights 0 1 2 4]
+    wesam bench pseudo-label-prior --data ../shared/data/kvasir_seg [--weights 0 1 2 4] [--prompts box point]
 
 On the validation part that `wesam adapt` carves from the train split (never the test split),
 scores the masks the model predicts from each instance's tight box, clipped to the box dilated by
@@ -8,7 +8,9 @@ scores the masks the model predicts from each instance's tight box, clipped to t
 each weight W (``--box-prior W`` of `wesam adapt`), and the ellipse alone. mIoU as everywhere
 (per instance, averaged per image, then over images). It is the measurement that chose the
 ``wesam +prior`` row's weight: labels at least as good as the ellipse floor are what a weak
-method can teach a source whose own masks are below it.
+method can teach a source whose own masks are below it. With point labels (5 + 5 per instance, as
+`wesam adapt --prompt point` draws them) it scores the model's point-prompted masks and the
+ellipse of the positive points' spread, the shape prior that points alone give.
 """
 
 from __future__ import annotations
@@ -57,6 +59,42 @@ def prior_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], wei
     return {k: m.summary()["miou"] for k, m in meters.items()}
 
 
+def points_ellipse_masks(coords: np.ndarray, labels: np.ndarray, hw: tuple[int, int], scale: float = 2.0
+                         ) -> np.ndarray:
+    """The ellipse of each instance's positive points' covariance, ``scale`` standard deviations wide:
+    coords (N, K, 2) xy, labels (N, K) -> (N, H, W) bool. Uniform points in an ellipse of semi-axis a
+    have a standard deviation of a/2 along it, so scale 2 estimates the object's own ellipse."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w]
+    out = np.zeros((len(coords), h, w), bool)
+    for i, (c, lab) in enumerate(zip(coords, labels)):
+        pos = np.asarray(c, np.float64)[np.asarray(lab) == 1]
+        if not len(pos):
+            continue
+        mu = pos.mean(0)
+        cov = (np.cov(pos.T) if len(pos) > 1 else np.zeros((2, 2))) + np.eye(2)  # +1 px²: never singular
+        d = np.stack([xx - mu[0], yy - mu[1]], -1)
+        out[i] = np.einsum("hwi,ij,hwj->hw", d, np.linalg.inv(cov), d) <= scale * scale
+    return out
+
+
+def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], progress: bool = False
+                        ) -> dict[str, float]:
+    """mIoU of the model's point-prompted masks (``model``) and of the positive points' 2σ covariance
+    ellipse (``points ellipse``), a shape prior that point labels alone give. samples: as
+    :func:`prior_label_quality`, plus ``.label`` with ``point_coords`` (N, K, 2) and ``point_labels`` (N, K)."""
+    meters = {"model": SegmentationMeter(), "points ellipse": SegmentationMeter()}
+    for s in tqdm(samples, desc="point labels", disable=not progress):
+        gts = s.instances
+        if not len(gts):
+            continue
+        c, lab = s.label.point_coords, s.label.point_labels
+        pred = predictor.predict(s.image, Prompts(point_coords=c, point_labels=lab)).masks[:, 0]
+        meters["model"].add_image(pred, gts)
+        meters["points ellipse"].add_image(points_ellipse_masks(c, lab, gts.shape[1:]), gts)
+    return {k: m.summary()["miou"] for k, m in meters.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="wesam bench pseudo-label-prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="sam-mini")
     p.add_argument("--weights", type=float, nargs="+", default=list(DEFAULT_WEIGHTS))
     p.add_argument("--clip-margin", type=int, default=2)
+    p.add_argument("--prompts", nargs="+", choices=["box", "point"], default=["box", "point"])
     p.add_argument("--json", default="bench/pseudo_label_prior.json")
     args = p.parse_args(argv)
     if any(w < 0 for w in args.weights):
@@ -74,10 +113,16 @@ def main(argv: list[str] | None = None) -> int:
                            "results": {}}
     for data in args.data:
         # skip_bad as `wesam bench adaptation` does: a few coco128 masks hold no instance above the size floor
-        _, val, _ = load_adaptation_data(data, "train", "box", skip_bad=True)
-        res = prior_label_quality(predictor, val, args.weights, args.clip_margin, progress=True)
-        out["results"][Path(data).name] = {"n_images": len(val), **res}
-        print(Path(data).name, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
+        name = Path(data).name
+        out["results"][name] = {}
+        for prompt in args.prompts:
+            _, val, _ = load_adaptation_data(data, "train", prompt, skip_bad=True)
+            if prompt == "box":
+                res = prior_label_quality(predictor, val, args.weights, args.clip_margin, progress=True)
+            else:
+                res = point_label_quality(predictor, val, progress=True)
+            out["results"][name][prompt] = {"n_images": len(val), **res}
+            print(name, prompt, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from adapt_support import make_adapt_setup
 from wesam.adapters.adapt.data import load_adaptation_data
-from wesam.bench.pseudo_label_prior import main, prior_label_quality
+from wesam.bench.pseudo_label_prior import (
+    main,
+    points_ellipse_masks,
+    prior_label_quality,
+)
 
 from wesam.evaluation.evaluate import PromptSpec, evaluate
 from wesam.sam.predictor import SamPredictorCore
@@ -32,6 +37,22 @@ def test_prior_label_quality_spans_model_to_ellipse(tmp_path) -> None:
     assert main(["--data", str(root), "--model", str(model_path), "--weights", "0", "2", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     cell = doc["results"][root.name]
-    assert cell["n_images"] >= 1 and {"W=0", "W=2", "ellipse"} <= set(cell)
+    assert cell["box"]["n_images"] >= 1 and {"W=0", "W=2", "ellipse"} <= set(cell["box"])
+    assert {"model", "points ellipse"} <= set(cell["point"])
     with pytest.raises(SystemExit):
         main(["--data", str(root), "--model", str(model_path), "--weights", "-1", "--json", str(out)])
+
+
+def test_points_ellipse_recovers_an_ellipse_from_uniform_points() -> None:
+    h, w = 120, 160
+    yy, xx = np.mgrid[0:h, 0:w]
+    truth = ((xx - 80) / 40.0) ** 2 + ((yy - 60) / 20.0) ** 2 <= 1.0
+    rng = np.random.default_rng(0)
+    inside = np.flatnonzero(truth)
+    idx = rng.choice(inside, 400, replace=False)
+    coords = np.stack([idx % w, idx // w], 1)[None].astype(np.float32)
+    labels = np.ones((1, 400), np.int32)
+    labels[0, -3:] = 0  # negatives are ignored
+    est = points_ellipse_masks(coords, labels, (h, w))[0]
+    assert (est & truth).sum() / (est | truth).sum() > 0.9
+    assert not points_ellipse_masks(coords, np.zeros_like(labels), (h, w)).any()  # no positives: empty
