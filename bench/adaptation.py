@@ -78,6 +78,7 @@ ROWS = (
 )
 # Tables list rows in ROWS order; rows not in ROWS (older JSON) go last.
 ROW_ORDER = {r.name: i for i, r in enumerate(ROWS)}
+DEFAULT_STEPS = AdaptConfig.steps
 QUICK_ROWS = ("direct", "self-training", "anchor", "wesam", "wesam+", "oracle")
 
 
@@ -246,7 +247,7 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
         groups.setdefault((c["target"], c["prompt"], c["row"]), []).append({**c, "seed": int(key_fields(key)["seed"])})
     if not any(len(v) > 1 for v in groups.values()):
         return None
-    lines = ["## Adaptation over seeds (headline rows)", "",
+    lines = ["## Adaptation over seeds", "",
              f"Base `{meta['model']}` (sha256 `{meta['model_sha256'][:16]}…`), {meta['steps']} steps at lr "
              f"{meta['lr']:g}; each row run once per seed with `wesam bench adaptation --seed S` (the seed draws the "
              "validation carve, the batches and the prompts' points); test splits. mIoU as mean ± sample standard "
@@ -271,6 +272,26 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
             lines.append(f"| {r} | {seeds} | {means[r]:.4f}{spread} | {delta} | {frac} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def results_sections(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, str]:
+    """bench/RESULTS.md sections for the cells of ``meta``'s steps, lr and base: the table of one seed
+    (seed 0 where it ran, so a later seed's run does not replace the reference table; else meta's
+    seed) and, once a row has two seeds, the over-seeds summary. Runs of the default length write
+    ``adaptation`` and ``adaptation-seeds``; other lengths get their own sections beside them."""
+    same = {"steps": str(meta["steps"]), "lr": f"{meta['lr']:g}", "model_sha256": str(meta["model_sha256"])}
+    over_seeds = {k: v for k, v in results.items() if all(key_fields(k)[f] == want for f, want in same.items())}
+    seeds = {key_fields(k)["seed"] for k in over_seeds}
+    table_seed = "0" if "0" in seeds else str(meta["seed"])
+    current = {k: v for k, v in over_seeds.items() if key_fields(k)["seed"] == table_seed}
+    suffix = "" if meta["steps"] == DEFAULT_STEPS else f"-{meta['steps']}-steps"
+    out = {}
+    if current:
+        out[f"adaptation{suffix}"] = to_markdown(current, {**meta, "seed": int(table_seed)})
+    seeds_md = seeds_markdown(over_seeds, meta)
+    if seeds_md:
+        out[f"adaptation-seeds{suffix}"] = seeds_md
+    return out
 
 
 @contextlib.contextmanager
@@ -336,12 +357,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", nargs="+", default=["box", "point"])
     p.add_argument("--rows", nargs="+", default=[r.name for r in ROWS])
     p.add_argument("--quick", action="store_true", help="Kvasir-SEG, box prompts, the main rows")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--lr", type=float, default=AdaptConfig.lr)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/bench-adaptation", help="checkpoints and corrupted data cache")
     p.add_argument("--json", default="bench/adaptation.json")
     p.add_argument("--no-results", action="store_true")
+    p.add_argument("--tables-only", action="store_true",
+                   help="run no cell: rewrite the bench/RESULTS.md sections of --steps/--lr from --json")
     p.add_argument("--worker", default="main",
                    help="name of this process when several share --json (give each its own): each takes "
                         "unclaimed cells, and a restarted worker takes back the cells it had claimed")
@@ -357,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     model = resolve_model(args.model)
     meta = {"model": model.name, "model_sha256": model.sha256, "steps": args.steps, "lr": args.lr, "seed": args.seed,
             "machine": machine(), "threads": torch.get_num_threads()}
-    paths = targets(Path(args.data_root), work / "data", args.targets)
+    paths = {} if args.tables_only else targets(Path(args.data_root), work / "data", args.targets)
     for target, data in paths.items():
         for prompt in args.prompts:
             for name in args.rows:
@@ -375,17 +398,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    mIoU {cell['miou']:.4f} (box filled {cell['box_filled_miou']:.4f}) "
                       f"in {cell['seconds'] / 60:.1f} min", flush=True)
                 if not args.no_results:
-                    # This run's settings on this base: every seed for the summary, this seed for the table.
-                    same = {"steps": str(args.steps), "lr": f"{args.lr:g}", "model_sha256": str(model.sha256)}
-                    over_seeds = {k: v for k, v in results.items()
-                                  if all(key_fields(k)[f] == want for f, want in same.items())}
-                    current = {k: v for k, v in over_seeds.items() if key_fields(k)["seed"] == str(args.seed)}
-                    seeds_md = seeds_markdown(over_seeds, meta)
-                    with _locked(out_path):
-                        write_section("adaptation", to_markdown(current, meta))
-                        if seeds_md:
-                            write_section("adaptation-seeds", seeds_md)
+                    _write_results(results, meta, out_path)
+    if args.tables_only:
+        _write_results(_load_cells(out_path), meta, out_path)
     return 0
+
+
+def _write_results(results: dict[str, dict[str, Any]], meta: dict[str, Any], out_path: Path) -> None:
+    with _locked(out_path):
+        for name, markdown in results_sections(results, meta).items():
+            write_section(name, markdown)
 
 
 if __name__ == "__main__":

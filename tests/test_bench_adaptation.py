@@ -102,3 +102,23 @@ def test_corrupted_coco128_rows_are_averaged_over_the_corruptions_measured() -> 
     assert "| wesam | 0.5200 | +0.0300 | 0.5000 / 0.5400 |" in summary  # fog, motion_blur in name order
     assert "| oracle |" not in summary
     assert "mean over" not in to_markdown({"d": _cell("direct", 0.6)}, {"model": "m", "steps": 400, "seed": 0, "machine": "t"})
+
+
+def test_results_sections_keep_seed_0_and_give_other_lengths_their_own() -> None:
+    from wesam.bench.adaptation import cell_key, results_sections
+
+    sha = "ab" * 32
+    cells = {}
+    for seed, w in ((0, 0.64), (2, 0.66)):
+        for row, v in (("direct", 0.60), ("wesam", w)):
+            cells[cell_key("kvasir_seg", "box", row, 400, 1e-4, seed, sha)] = _cell(row, v)
+    cells[cell_key("kvasir_seg", "box", "oracle", 2000, 1e-4, 0, sha)] = _cell("oracle", 0.78)
+    cells[cell_key("kvasir_seg", "box", "oracle", 400, 1e-4, 0, "cd" * 32)] = _cell("oracle", 0.99)  # other base
+    meta = {"model": "sam-mini", "model_sha256": sha, "steps": 400, "lr": 1e-4, "seed": 2, "machine": "t"}
+    out = results_sections(cells, meta)
+    assert set(out) == {"adaptation", "adaptation-seeds"}
+    wesam = next(x for x in out["adaptation"].splitlines() if x.startswith("| wesam |"))
+    assert "0.6400" in wesam  # seed 0's table, though seed 2 ran last
+    assert "seed 0" in out["adaptation"] and "0.99" not in out["adaptation"] and "| oracle |" not in out["adaptation"]
+    long = results_sections(cells, {**meta, "steps": 2000, "seed": 0})
+    assert set(long) == {"adaptation-2000-steps"} and "| oracle |" in long["adaptation-2000-steps"]
