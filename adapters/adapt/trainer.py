@@ -15,7 +15,8 @@ view). Methods, from weakest to strongest supervision:
 Options that leave the faithful method as the default (docs/adaptation.md, "Adaptation v2"):
 ``clip_to_box``/``respect_points`` apply the weak label to the pseudo-labels and anchor labels,
 ``box_prior`` adds a weighted inscribed-ellipse shape prior to the teacher's and anchor's logits
-before they become labels (see :func:`.constraints.ellipse_prior`), ``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
+before they become labels (see :func:`.constraints.ellipse_prior`),
+``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
 ``anchor_kind`` holds the anchor's soft prediction (logit/prob) instead of its hard mask (dice),
 ``select="fixed"`` publishes the last step instead of the best on validation. Every run
 reports its speed (steps/s and the share of step time per phase). ``grad_checkpointing``
