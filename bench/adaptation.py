@@ -281,6 +281,18 @@ def results_sections(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -
     ``adaptation`` and ``adaptation-seeds``; other lengths get their own sections beside them."""
     same = {"steps": str(meta["steps"]), "lr": f"{meta['lr']:g}", "model_sha256": str(meta["model_sha256"])}
     over_seeds = {k: v for k, v in results.items() if all(key_fields(k)[f] == want for f, want in same.items())}
+    # Direct testing trains nothing, so its cell of any run length is this length's baseline too.
+    def cell_of(k: str, c: dict[str, Any]) -> tuple[str, str, str]:
+        return c["target"], c["prompt"], key_fields(k)["seed"]
+
+    missing = ({cell_of(k, c) for k, c in over_seeds.items()}
+               - {cell_of(k, c) for k, c in over_seeds.items() if c["row"] == "direct"})
+    for k, c in results.items():
+        f = key_fields(k)
+        if (c["row"] == "direct" and cell_of(k, c) in missing
+                and (f["lr"], f["model_sha256"]) == (same["lr"], same["model_sha256"])):
+            over_seeds[k] = c
+            missing.discard(cell_of(k, c))
     seeds = {key_fields(k)["seed"] for k in over_seeds}
     table_seed = "0" if "0" in seeds else str(meta["seed"])
     current = {k: v for k, v in over_seeds.items() if key_fields(k)["seed"] == table_seed}

@@ -122,3 +122,7 @@ def test_results_sections_keep_seed_0_and_give_other_lengths_their_own() -> None
     assert "seed 0" in out["adaptation"] and "0.99" not in out["adaptation"] and "| oracle |" not in out["adaptation"]
     long = results_sections(cells, {**meta, "steps": 2000, "seed": 0})
     assert set(long) == {"adaptation-2000-steps"} and "| oracle |" in long["adaptation-2000-steps"]
+    # direct testing trains nothing: the 400-step run's direct cell is the baseline of the longer run
+    oracle = next(x for x in long["adaptation-2000-steps"].splitlines() if x.startswith("| oracle |"))
+    assert "+0.1800" in oracle and "nan" not in long["adaptation-2000-steps"]
+    assert long["adaptation-2000-steps"].count("| direct |") == 1
