@@ -27,7 +27,7 @@ from tqdm import tqdm
 from wesam.adapters.adapt import constraints as C
 from wesam.adapters.adapt.data import load_adaptation_data
 
-from wesam.data.weak import boxes_from_masks
+from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
 from wesam.evaluation.metrics import SegmentationMeter
 from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import resolve_model
@@ -39,7 +39,8 @@ def prior_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], wei
                         clip_margin: int = 2, progress: bool = False) -> dict[str, float]:
     """mIoU of ``logits + W·(1 − r²) > 0`` inside the dilated box, for each W, plus ``unclipped``
     (the model alone) and ``ellipse`` (the prior alone). samples: objects with ``.image`` (H, W, 3)
-    uint8 and ``.instances`` (N, H, W) bool."""
+    uint8, ``.instances`` (N, H, W) bool and ``.label`` with ``boxes`` (N, 4), as
+    :func:`~wesam.adapters.adapt.data.load_adaptation_data` gives them."""
     meters = {f"W={w:g}": SegmentationMeter() for w in weights}
     meters["unclipped"], meters["ellipse"] = SegmentationMeter(), SegmentationMeter()
     for s in tqdm(samples, desc="pseudo-labels", disable=not progress):
@@ -47,9 +48,9 @@ def prior_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], wei
         if not len(gts):
             continue
         hw = gts.shape[1:]
-        boxes = boxes_from_masks(gts).astype(np.float64)
+        boxes = s.label.boxes  # the weak label `wesam adapt` trains from (tight boxes)
         logits = predictor.predict(s.image, Prompts(boxes=boxes), return_logits=True).masks[:, 0]
-        b = torch.as_tensor(boxes)
+        b = torch.as_tensor(boxes, dtype=torch.float64)
         prior = C.ellipse_prior(b, hw).numpy()
         region = C.box_region(b, hw, clip_margin).numpy()
         for w in weights:
@@ -82,16 +83,18 @@ def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], pro
                         ) -> dict[str, float]:
     """mIoU of the model's point-prompted masks (``model``) and of the positive points' 2σ covariance
     ellipse (``points ellipse``), a shape prior that point labels alone give. samples: as
-    :func:`prior_label_quality`, plus ``.label`` with ``point_coords`` (N, K, 2) and ``point_labels`` (N, K)."""
+    :func:`prior_label_quality`, with a point label (``point_coords`` (N, K, 2), ``point_labels`` (N, K))."""
     meters = {"model": SegmentationMeter(), "points ellipse": SegmentationMeter()}
+    spec = PromptSpec("point")  # 5 + 5 points, as load_adaptation_data draws them
     for s in tqdm(samples, desc="point labels", disable=not progress):
         gts = s.instances
         if not len(gts):
             continue
-        c, lab = s.label.point_coords, s.label.point_labels
-        pred = predictor.predict(s.image, Prompts(point_coords=c, point_labels=lab)).masks[:, 0]
-        meters["model"].add_image(pred, gts)
-        meters["points ellipse"].add_image(points_ellipse_masks(c, lab, gts.shape[1:]), gts)
+        hw = gts.shape[1:]
+        # prompted exactly as `wesam eval` and the trainer's validation prompt them
+        prompts = prompts_from_weak(s.label, predictor, hw, spec.mask_logit)
+        meters["model"].add_image(predict_instances(predictor, s.image, prompts, spec.multimask), gts)
+        meters["points ellipse"].add_image(points_ellipse_masks(s.label.point_coords, s.label.point_labels, hw), gts)
     return {k: m.summary()["miou"] for k, m in meters.items()}
 
 
@@ -112,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"model": model.model_id, "clip_margin": args.clip_margin, "split": "validation part of train",
                            "results": {}}
     for data in args.data:
-        # skip_bad as `wesam bench adaptation` does: a few coco128 masks hold no instance above the size floor
         name = Path(data).name
         out["results"][name] = {}
         for prompt in args.prompts:
+            # skip_bad as `wesam bench adaptation` does: a few coco128 masks hold no instance above the size floor
             _, val, _ = load_adaptation_data(data, "train", prompt, skip_bad=True)
             if prompt == "box":
                 res = prior_label_quality(predictor, val, args.weights, args.clip_margin, progress=True)
