@@ -78,6 +78,13 @@ ROWS = (
 )
 # Tables list rows in ROWS order; rows not in ROWS (older JSON) go last.
 ROW_ORDER = {r.name: i for i, r in enumerate(ROWS)}
+
+
+def row_rank(name: str) -> int:
+    """Sort key of a row name in the tables (ROWS order; unknown names last)."""
+    return ROW_ORDER.get(name, len(ROW_ORDER))
+
+
 DEFAULT_STEPS = AdaptConfig.steps
 QUICK_ROWS = ("direct", "self-training", "anchor", "wesam", "wesam+", "oracle")
 
@@ -182,7 +189,7 @@ def to_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str
     for target in dict.fromkeys(c["target"] for c in cells):
         for prompt in dict.fromkeys(c["prompt"] for c in cells if c["target"] == target):
             rows = {c["row"]: c for c in sorted((c for c in cells if c["target"] == target and c["prompt"] == prompt),
-                                                key=lambda c: ROW_ORDER.get(c["row"], len(ROW_ORDER)))}
+                                                key=lambda c: row_rank(c["row"]))}
             direct = rows.get("direct")
             lines += [f"### {target}, {prompt} prompts", "",
                       "| row | mIoU | F1 | Δ vs direct | of oracle | box filled | ellipse | minutes | steps/s | enc |",
@@ -230,7 +237,7 @@ def corruption_average_markdown(cells: list[dict[str, Any]]) -> list[str]:
         lines += [f"### coco128, {prompt} prompts: mean over {len(names)} corruptions ({floors})", "",
                   f"Corruptions: {', '.join(t.split('-', 1)[1] for t in names)} (severity 5); rows measured on all of them.", "",
                   "| row | mIoU (mean) | Δ vs direct | per corruption |", "|---|---|---|---|"]
-        for r in sorted(complete, key=lambda r: ROW_ORDER.get(r, len(ROW_ORDER))):
+        for r in sorted(complete, key=row_rank):
             delta = f"{mean[r] - direct:+.4f}" if direct is not None else "-"
             per = " / ".join(f"{complete[r][t]['miou']:.4f}" for t in names)
             lines.append(f"| {r} | {mean[r]:.4f} | {delta} | {per} |")
@@ -254,7 +261,7 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
              "deviation over the seeds listed; Δ and \"of oracle\" use the means.", ""]
     for target, prompt in dict.fromkeys((t, p) for t, p, _ in groups):
         rows = sorted(((r, cs) for (t, p, r), cs in groups.items() if (t, p) == (target, prompt)),
-                      key=lambda rc: ROW_ORDER.get(rc[0], len(ROW_ORDER)))
+                      key=lambda rc: row_rank(rc[0]))
         means = {r: float(np.mean([c["miou"] for c in cs])) for r, cs in rows}
         direct, oracle = means.get("direct"), means.get("oracle")
         first = rows[0][1][0]
