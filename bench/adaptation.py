@@ -419,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_results:
                     _write_results(results, meta, out_path)
     if args.tables_only:
+        # The figures were measured by the runs that wrote the JSON: their machine and threads, not this process's.
+        stored = json.loads(out_path.read_text()).get("meta", {}) if out_path.is_file() else {}
+        meta.update({k: stored[k] for k in ("machine", "threads") if k in stored})
         _write_results(_load_cells(out_path), meta, out_path)
     return 0
 
