@@ -10,6 +10,7 @@ from adapt_support import make_adapt_setup
 from wesam.adapters.adapt.data import load_adaptation_data
 from wesam.bench.pseudo_label_prior import (
     main,
+    point_label_quality,
     points_ellipse_masks,
     prior_label_quality,
 )
@@ -32,6 +33,12 @@ def test_prior_label_quality_spans_model_to_ellipse(tmp_path) -> None:
     assert res["W=1e+06"] == pytest.approx(res["ellipse"], abs=0.02)
     # the model alone, unclipped, is what `wesam eval` reports for direct testing
     assert res["unclipped"] == pytest.approx(floors["miou"], abs=1e-9)
+
+    # point labels: the model's masks are what `wesam eval --prompt point` scores on the same images
+    _, val_pts, _ = load_adaptation_data(root, "train", "point", val_fraction=0.5)
+    pts = point_label_quality(predictor, val_pts)
+    assert pts["model"] == pytest.approx(evaluate(predictor, val_pts, PromptSpec("point"))["miou"], abs=1e-9)
+    assert 0.0 <= pts["points ellipse"] <= 1.0
 
     out = tmp_path / "prior.json"
     assert main(["--data", str(root), "--model", str(model_path), "--weights", "0", "2", "--json", str(out)]) == 0
