@@ -571,3 +571,31 @@ def test_cli_takes_the_v2_options(setup) -> None:
     summary = json.loads(out.read_text())
     assert summary["select"] == "fixed" and summary["selected_step"] == 2 and summary["speed"]["steps"] == 2
     assert "steps/s" in stdout + err  # the speed line is logged at the end
+
+
+@pytest.mark.parametrize("method", ["wesam", "oracle"])
+def test_decoder_targets_train_the_decoder_lora(setup, method) -> None:
+    """With dec_* targets the losses reach the mask decoder's LoRA (the decoder's own weights stay frozen)."""
+    a = AdaptationTrainer(_cfg(setup, method=method, lora_targets=("q", "v", "dec_q", "dec_v", "dec_out")),
+                          log=lambda *_: None)
+    before = {k: v.clone() for k, v in a.sam.state_dict().items()}
+    a.train_step()
+    a.train_step()  # B starts at zero: A's gradient is zero on the first step, B's is not
+    after = a.sam.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert all("lora_" in k for k in changed)
+    assert any(k.startswith("mask_decoder.") and "lora_A" in k for k in changed)
+    assert any(k.startswith("mask_decoder.") and "lora_B" in k for k in changed)
+    assert any(k.startswith("image_encoder.") for k in changed)
+
+
+def test_cli_publishes_an_adapter_with_its_decoder_lora(setup) -> None:
+    p = _wesam_adapt(setup, "--method", "wesam", "--lora-targets", "q", "v", "dec_q", "dec_v", steps=2)
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    art = Registry(setup[0] / "cli-reg").resolve("polyp")
+    assert art.lora.adapts_decoder and art.lora.decoder_targets == ("dec_q", "dec_v")
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(art.path / "adapter.safetensors")))
+    assert any(k.startswith("mask_decoder.transformer.") and k.endswith(".dec_v.lora_B") for k in keys)

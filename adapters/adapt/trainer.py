@@ -65,6 +65,7 @@ from ..lora import (
     adapter_state,
     add_adapter,
     load_adapter_state,
+    lora_named_layers,
     set_adapter,
     trainable_parameters,
     use_adapter,
@@ -324,18 +325,17 @@ class AdaptationTrainer:
                     b = state[key[:-len("lora_A")] + "lora_B"]
                     pinned[key[:-len(".lora_A")]] = pin_cfg.scale * (b.float() @ a.float()).to(self.device)
         entries, den = [], 0.0
-        for path, m in self.sam.image_encoder.named_modules():
-            if isinstance(m, LoraLinear):
-                for key in m.keys_of(ADAPTER):
-                    name = f"image_encoder.{path}.{key.rsplit(SEP, 1)[1]}"
-                    s0, s1 = m.slices[key]
-                    dw = pinned.pop(name, None)
-                    dw = torch.zeros_like(m.base.weight[s0:s1], dtype=torch.float32) if dw is None else dw
-                    if dw.shape != m.base.weight[s0:s1].shape:
-                        raise ValueError(f"pinned adapter: {name} has shape {tuple(dw.shape)}, "
-                                         f"expected {tuple(m.base.weight[s0:s1].shape)}")
-                    entries.append((m, key, dw))
-                    den += float(((m.base.weight[s0:s1].float() + dw) ** 2).sum())
+        for path, m in lora_named_layers(self.sam):
+            for key in m.keys_of(ADAPTER):
+                name = f"{path}.{key.rsplit(SEP, 1)[1]}"
+                s0, s1 = m.slices[key]
+                dw = pinned.pop(name, None)
+                dw = torch.zeros_like(m.base.weight[s0:s1], dtype=torch.float32) if dw is None else dw
+                if dw.shape != m.base.weight[s0:s1].shape:
+                    raise ValueError(f"pinned adapter: {name} has shape {tuple(dw.shape)}, "
+                                     f"expected {tuple(m.base.weight[s0:s1].shape)}")
+                entries.append((m, key, dw))
+                den += float(((m.base.weight[s0:s1].float() + dw) ** 2).sum())
         if pinned:
             raise ValueError(f"the pinned adapter adapts weights the trained adapter does not: {sorted(pinned)[:3]}")
         return entries, max(den, 1e-12)

@@ -1,4 +1,4 @@
-"""LoRA for SAM's image encoder: config, adapter layer, and injection/merge logic.
+"""LoRA for SAM's image encoder (and, optionally, its mask decoder): config, adapter layer, injection/merge logic.
 
 A small module rather than PEFT: SAM fuses q, k and v into one ``qkv`` Linear, and the WeSAM
 recipe adapts the q and v *slices* of that layer only. PEFT's LoRA wraps whole Linear layers, so
@@ -6,9 +6,9 @@ it could only adapt all of qkv (k included). Here each target is an output slice
 which expresses q/v-only LoRA exactly and keeps several named adapters resident on one base.
 """
 
-from .config import TARGETS, LoraConfig
+from .config import DECODER_TARGETS, ENCODER_TARGETS, TARGETS, LoraConfig
 from .layer import LoraLinear
-from .merge import merge_and_unload, plain_state_dict
+from .merge import merge_and_unload, merged_decoder, plain_state_dict
 from .model import (
     active_adapter,
     adapter_names,
@@ -17,6 +17,7 @@ from .model import (
     delete_adapter,
     load_adapter_state,
     lora_layers,
+    lora_named_layers,
     merge_adapter,
     set_adapter,
     trainable_parameters,
@@ -25,8 +26,25 @@ from .model import (
 )
 
 __all__ = [
-    "LoraConfig", "TARGETS", "LoraLinear", "active_adapter", "add_adapter", "adapter_names",
-    "delete_adapter", "load_adapter_state", "lora_layers", "merge_adapter", "adapter_state",
-    "set_adapter", "trainable_parameters", "unmerge_adapter", "use_adapter", "merge_and_unload",
+    "DECODER_TARGETS",
+    "ENCODER_TARGETS",
+    "TARGETS",
+    "LoraConfig",
+    "LoraLinear",
+    "active_adapter",
+    "adapter_names",
+    "adapter_state",
+    "add_adapter",
+    "delete_adapter",
+    "load_adapter_state",
+    "lora_layers",
+    "lora_named_layers",
+    "merge_adapter",
+    "merge_and_unload",
+    "merged_decoder",
     "plain_state_dict",
+    "set_adapter",
+    "trainable_parameters",
+    "unmerge_adapter",
+    "use_adapter",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# target name -> (Linear inside each encoder block, output slice as (start, stop) in units of dim)
-TARGETS: dict[str, tuple[str, tuple[int, int]]] = {
+# encoder target name -> (Linear inside each encoder block, output slice as (start, stop) in units of dim)
+ENCODER_TARGETS: dict[str, tuple[str, tuple[int, int]]] = {
     "q": ("attn.qkv", (0, 1)),
     "k": ("attn.qkv", (1, 2)),
     "v": ("attn.qkv", (2, 3)),
@@ -15,6 +15,18 @@ TARGETS: dict[str, tuple[str, tuple[int, int]]] = {
     "mlp2": ("mlp.lin2", (0, 1)),
 }
 
+# decoder target name -> Linear inside every attention layer of the mask decoder's two-way
+# transformer (self-attention, both cross-attentions, the final token-to-image attention), whole
+# output. The decoder is the same 256-wide module in sam-mini and the official vit_b/l/h.
+DECODER_TARGETS: dict[str, str] = {
+    "dec_q": "q_proj",
+    "dec_k": "k_proj",
+    "dec_v": "v_proj",
+    "dec_out": "out_proj",
+}
+
+TARGETS: tuple[str, ...] = (*ENCODER_TARGETS, *DECODER_TARGETS)
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -22,7 +34,12 @@ class LoraConfig:
 
     rank: r of the low-rank update B·A; alpha: the update is scaled by alpha / rank
     (alpha = rank gives scale 1.0, the WeSAM reference, which has no scaling);
-    targets: names from ``TARGETS``; blocks: encoder block indices (None = all).
+    targets: names from ``TARGETS``: encoder targets (``ENCODER_TARGETS``) and mask-decoder
+    targets (``DECODER_TARGETS``, prefixed ``dec_``); blocks: encoder block indices (None = all;
+    decoder targets always cover the whole decoder).
+
+    An adapter with decoder targets changes the mask decoder too, so whoever serves it must
+    decode with the adapter (``adapts_decoder``), not with a decoder shared by every domain.
     """
 
     rank: int = 4
@@ -37,6 +54,18 @@ class LoraConfig:
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets:
             raise ValueError(f"unknown LoRA targets {unknown}; choose from {', '.join(TARGETS)}")
+
+    @property
+    def adapts_decoder(self) -> bool:
+        return any(t in DECODER_TARGETS for t in self.targets)
+
+    @property
+    def encoder_targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets if t in ENCODER_TARGETS)
+
+    @property
+    def decoder_targets(self) -> tuple[str, ...]:
+        return tuple(t for t in self.targets if t in DECODER_TARGETS)
 
     @property
     def scale(self) -> float:

@@ -1,4 +1,4 @@
-"""Injecting LoRA into a SAM image encoder and managing named adapters on it."""
+"""Injecting LoRA into a SAM model (image encoder, optionally mask decoder) and managing named adapters on it."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from typing import Iterator
 
 import torch
 from segment_anything.modeling import Sam
+from segment_anything.modeling.transformer import Attention
 from torch import nn
 
-from .config import TARGETS, LoraConfig
+from .config import DECODER_TARGETS, ENCODER_TARGETS, LoraConfig
 from .layer import SEP, LoraLinear
 
 _CONFIG_ATTR = "_wesam_lora_configs"
@@ -27,8 +28,20 @@ def _resolve(block: nn.Module, dotted: str) -> tuple[nn.Module, str]:
     return parent, leaf
 
 
+def _decoder_attentions(sam: Sam) -> list[nn.Module]:
+    return [m for m in sam.mask_decoder.transformer.modules() if isinstance(m, Attention)]
+
+
+def _wrap(parent: nn.Module, leaf: str) -> LoraLinear:
+    layer = getattr(parent, leaf)
+    if not isinstance(layer, LoraLinear):
+        layer = LoraLinear(layer)
+        setattr(parent, leaf, layer)
+    return layer
+
+
 def lora_layers(sam: Sam) -> list[LoraLinear]:
-    return [m for m in sam.image_encoder.modules() if isinstance(m, LoraLinear)]
+    return [m for m in sam.modules() if isinstance(m, LoraLinear)]
 
 
 def adapter_names(sam: Sam) -> list[str]:
@@ -50,15 +63,16 @@ def add_adapter(sam: Sam, name: str, config: LoraConfig) -> None:
     wanted = range(len(blocks)) if config.blocks is None else config.blocks
     for i in wanted:
         block = blocks[i]
-        for target in config.targets:
-            module_path, (lo, hi) = TARGETS[target]
-            parent, leaf = _resolve(block, module_path)
-            layer = getattr(parent, leaf)
-            if not isinstance(layer, LoraLinear):
-                layer = LoraLinear(layer)
-                setattr(parent, leaf, layer)
+        for target in config.encoder_targets:
+            module_path, (lo, hi) = ENCODER_TARGETS[target]
+            layer = _wrap(*_resolve(block, module_path))
             dim = layer.base.in_features if module_path != "mlp.lin2" else layer.base.out_features
             layer.add(name, target, (lo * dim, hi * dim), config.rank, config.scale)
+    if config.decoder_targets:
+        for attention in _decoder_attentions(sam):
+            for target in config.decoder_targets:
+                layer = _wrap(attention, DECODER_TARGETS[target])
+                layer.add(name, target, (0, layer.base.out_features), config.rank, config.scale)
     configs[name] = config
     setattr(sam, _CONFIG_ATTR, configs)
 
@@ -115,16 +129,25 @@ def unmerge_adapter(sam: Sam) -> None:
 
 
 def adapter_state(sam: Sam, name: str) -> dict[str, torch.Tensor]:
-    """Tensors of one adapter, keyed ``image_encoder.blocks.{i}.{module}.{target}.lora_{A|B}``."""
+    """Tensors of one adapter, keyed ``{module path}.{target}.lora_{A|B}``.
+
+    Encoder keys read ``image_encoder.blocks.{i}.{module}.{target}.lora_{A|B}`` (as before decoder
+    targets existed, so older adapters load unchanged); decoder keys
+    ``mask_decoder.transformer.{attention}.{q|k|v|out}_proj.dec_{q|k|v|out}.lora_{A|B}``.
+    """
     adapter_config(sam, name)
     out: dict[str, torch.Tensor] = {}
-    for path, m in sam.image_encoder.named_modules():
-        if isinstance(m, LoraLinear):
-            for key in m.keys_of(name):
-                target = key.rsplit(SEP, 1)[1]
-                out[f"image_encoder.{path}.{target}.lora_A"] = m.lora_A[key].weight.detach()
-                out[f"image_encoder.{path}.{target}.lora_B"] = m.lora_B[key].weight.detach()
+    for path, m in lora_named_layers(sam):
+        for key in m.keys_of(name):
+            target = key.rsplit(SEP, 1)[1]
+            out[f"{path}.{target}.lora_A"] = m.lora_A[key].weight.detach()
+            out[f"{path}.{target}.lora_B"] = m.lora_B[key].weight.detach()
     return out
+
+
+def lora_named_layers(sam: Sam) -> list[tuple[str, LoraLinear]]:
+    """(module path in ``sam``, layer) for every LoRA-wrapped Linear."""
+    return [(p, m) for p, m in sam.named_modules() if isinstance(m, LoraLinear)]
 
 
 def load_adapter_state(sam: Sam, name: str, state: dict[str, torch.Tensor]) -> None:
