@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from wesam.sam.predictor import ImageEmbedding
 
@@ -21,6 +21,10 @@ class CacheEntry:
     embedding: ImageEmbedding
     adapter: str  # "base" or "domain@vN"
     domain: str | None
+    # What decodes this embedding (the runtime's ``decoder(handle)`` when it was made): the base
+    # decoder, or the adapter's own when it adapts the mask decoder. Kept with the entry so that a
+    # preview's embeddings still decode with its decoder after its handle is unloaded.
+    decoder: Any = None
 
     @property
     def nbytes(self) -> int:

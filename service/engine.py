@@ -101,8 +101,8 @@ class SegmentEngine:
         self.mask_threshold = float(getattr(model.sam, "mask_threshold", 0.0))
         self.aliases = FileAliases()
         # Encoder calls switch the active LoRA adapter on the shared model and loading an adapter
-        # rewires its layers: both happen under this lock. Decoding needs no lock (adapters only
-        # touch the image encoder).
+        # rewires its layers: both happen under this lock. Decoding needs no lock: it runs on plain
+        # decoder copies (the base's, or an adapter's own), never on the LoRA-wrapped resident model.
         self.lock = threading.RLock()
         self.ready = False
         self._stop = threading.Event()
@@ -474,6 +474,7 @@ class SegmentEngine:
             t0 = time.perf_counter()
             try:
                 embs = self.runtime.encode(images, route.handle)
+                decoder = self.runtime.decoder(route.handle)
             except Exception as e:
                 log.exception("encoder failed for %s", route.adapter)
                 for k in chunk:
@@ -489,7 +490,7 @@ class SegmentEngine:
                     # Each embedding of a batch is a view of the batch's output: cached as it is, it would
                     # keep the whole batch alive (up to MAX_BATCH_SIZE x the bytes the cache accounts for).
                     emb = dataclasses.replace(emb, features=emb.features.clone())
-                entry = CacheEntry(emb, route.adapter, route.domain)
+                entry = CacheEntry(emb, route.adapter, route.domain, decoder)
                 self.cache.put(k, entry)
                 for i in by_key[k]:
                     entries[i] = entry
@@ -500,7 +501,8 @@ class SegmentEngine:
     def _decode(self, item: InferItem, entry: CacheEntry, res: InferResult) -> None:
         prompts = self.build_prompts(item, entry.embedding)
         t0 = time.perf_counter()
-        pred = self.runtime.decode(entry.embedding, prompts, item.multimask, item.return_logits)
+        decoder = entry.decoder if entry.decoder is not None else self.runtime.decoder(None)
+        pred = decoder.decode(entry.embedding, prompts, multimask=item.multimask, return_logits=item.return_logits)
         dt = time.perf_counter() - t0
         if self.metrics is not None:
             self.metrics.decoder.labels(entry.adapter).observe(dt)

@@ -1,4 +1,4 @@
-"""Model runtimes: run the image encoder (per adapter) and the shared prompt/mask decoder.
+"""Model runtimes: run the image encoder (per adapter) and the prompt/mask decoder (per adapter).
 
 ``TorchRuntime`` keeps one resident base model; LoRA adapters are attached to it unmerged and
 switched per encoder call (``use_adapter``), or, for domains configured as hot, run from a merged
@@ -6,9 +6,17 @@ copy (``wesam.adapters.artifact.merged_sam``: zero LoRA overhead, one model copy
 ONNX Runtime sessions: one merged encoder graph per adapter version (exported on first use into a
 cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph.
 
-LoRA adapts only the image encoder, so every domain shares the decoder. Runtimes are not
-thread-safe for loading and encoding; the engine serialises those calls. ``ModelRuntime`` is
-what the engine needs of a runtime.
+Most adapters adapt only the image encoder, and their domains share the base decoder. An adapter
+with mask-decoder targets (``LoraConfig.adapts_decoder``) gets a decoder of its own: a plain,
+merged copy (``merged_decoder``; about 4 M parameters) or, in ONNX, its own decoder graph.
+``decoder(handle)`` names the decoder a handle's embeddings are decoded with; the engine keeps it
+with each cached embedding, so a request decodes with the decoder of the adapter that made the
+embedding even after that adapter is unloaded. Decoding never goes through the resident model's
+LoRA layers (encoding switches their adapter under the engine's lock while decodes run beside it),
+so the base decoder is a plain copy too.
+
+Runtimes are not thread-safe for loading and encoding; the engine serialises those calls.
+``ModelRuntime`` is what the engine needs of a runtime.
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
+from segment_anything.modeling import MaskDecoder, Sam
 
 from wesam.adapters.artifact import AdapterArtifact, attach_adapter
-from wesam.adapters.lora import delete_adapter, use_adapter
+from wesam.adapters.lora import delete_adapter, merged_decoder, use_adapter
 from wesam.adapters.ref import AdapterRef
 from wesam.sam.predictor import ImageEmbedding, Prediction, Prompts, SamPredictorCore
 from wesam.sam.transforms import SamTransform
@@ -44,6 +53,13 @@ class AdapterHandle:
     state: dict[str, Any] = field(default_factory=dict)  # runtime-specific (merged predictor, session)
 
 
+class Decoder(Protocol):
+    """Prompts + an embedding -> masks (``SamPredictorCore``, ``OnnxSamPredictor``). Thread-safe."""
+
+    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool = False,
+               return_logits: bool = False) -> Prediction: ...
+
+
 class ModelRuntime(Protocol):
     """What the engine and the router use of a runtime (``TorchRuntime``, ``OnnxRuntime``)."""
 
@@ -58,9 +74,21 @@ class ModelRuntime(Protocol):
 
     def encode(self, images: Sequence[np.ndarray], handle: AdapterHandle | None) -> list[ImageEmbedding]: ...
 
-    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction: ...
+    def decoder(self, handle: AdapterHandle | None) -> Decoder: ...
 
     def describe(self) -> dict[str, Any]: ...
+
+
+def decoding_predictor(sam: Sam, decoder: MaskDecoder, device: str) -> SamPredictorCore:
+    """A predictor that decodes with ``decoder`` (a plain copy) and ``sam``'s prompt encoder.
+
+    Its image encoder is ``sam``'s own module (shared, not copied, never run through this
+    predictor): only ``decode`` is used.
+    """
+    view = Sam(sam.image_encoder, sam.prompt_encoder, decoder,
+               pixel_mean=sam.pixel_mean.flatten().tolist(), pixel_std=sam.pixel_std.flatten().tolist())
+    view.mask_threshold = sam.mask_threshold
+    return SamPredictorCore(view, device)
 
 
 def resolve_device(device: str) -> str:
@@ -76,6 +104,7 @@ class TorchRuntime:
         self.model = model
         self.device = resolve_device(device)
         self.predictor = SamPredictorCore(model.sam, self.device)
+        self.base_decoder = decoding_predictor(model.sam, merged_decoder(model.sam, None), self.device)
         self.img_size = self.predictor.img_size
         self.low_res_size = int(model.sam.prompt_encoder.mask_input_size[0])
         self.transform = self.predictor.transform
@@ -86,9 +115,14 @@ class TorchRuntime:
             from wesam.adapters.artifact import merged_sam
 
             sam = merged_sam(self.model, art)  # verifies, merges, copies out, restores the base
-            return AdapterHandle(art.ref, merged=True, state={"predictor": SamPredictorCore(sam, self.device)})
+            predictor = SamPredictorCore(sam, self.device)
+            return AdapterHandle(art.ref, merged=True, state={"predictor": predictor, "decoder": predictor})
         name = attach_adapter(self.model, art)
-        return AdapterHandle(art.ref, name=name)
+        handle = AdapterHandle(art.ref, name=name)
+        if art.lora.adapts_decoder:
+            handle.state["decoder"] = decoding_predictor(self.model.sam, merged_decoder(self.model.sam, name),
+                                                         self.device)
+        return handle
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         if handle.name is not None:
@@ -103,8 +137,8 @@ class TorchRuntime:
         with use_adapter(self.model.sam, handle.name if handle is not None else None):
             return self.predictor.encode_batch(images)
 
-    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction:
-        return self.predictor.decode(emb, prompts, multimask=multimask, return_logits=return_logits)
+    def decoder(self, handle: AdapterHandle | None) -> Decoder:
+        return (handle.state.get("decoder") if handle is not None else None) or self.base_decoder
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.kind, "device": self.device}
@@ -118,7 +152,7 @@ class OnnxRuntime:
     def __init__(self, model: LoadedModel, cache_dir: str | os.PathLike | None = None, *,
                  providers: Sequence[str] | None = None, threads: int | None = None, simplify: bool = True) -> None:
         from wesam.export.onnx_graphs import GRAPH_CONTRACT
-        from wesam.export.runtime import DEFAULT_PROVIDERS, OnnxSamPredictor
+        from wesam.export.runtime import DEFAULT_PROVIDERS
 
         self.model = model
         self.providers = tuple(providers or DEFAULT_PROVIDERS)
@@ -129,14 +163,18 @@ class OnnxRuntime:
         # are exported again instead of being fed inputs they do not expect.
         self.cache_dir = root / f"{model.name}-{(model.sha256 or 'random')[:16]}-g{GRAPH_CONTRACT}"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        base_dir = self._graphs("base", None)
-        self.base = OnnxSamPredictor(base_dir / "encoder.onnx", base_dir / "decoder.onnx", model.config.img_size,
-                                     model.config.low_res_size, providers=self.providers, threads=threads,
-                                     mask_threshold=float(model.sam.mask_threshold))
+        self.base = self._predictor(self._graphs("base", None))
         self.img_size = model.config.img_size
         self.low_res_size = model.config.low_res_size
         self.transform = self.base.transform
         self.device = "cpu" if self.providers == ("CPUExecutionProvider",) else ",".join(self.providers)
+
+    def _predictor(self, graphs: Path):
+        from wesam.export.runtime import OnnxSamPredictor
+
+        return OnnxSamPredictor(graphs / "encoder.onnx", graphs / "decoder.onnx", self.model.config.img_size,
+                                self.model.config.low_res_size, providers=self.providers, threads=self.threads,
+                                mask_threshold=float(self.model.sam.mask_threshold))
 
     def _graphs(self, key: str, art: AdapterArtifact | None) -> Path:
         """Directory with ``encoder.onnx`` (+ ``decoder.onnx`` for the base), exported once.
@@ -149,14 +187,15 @@ class OnnxRuntime:
 
         name = key if art is None else f"{art.domain}-{art.ref.version_dir}-{art.meta['files'][WEIGHTS_FILE][:16]}"
         final = self.cache_dir / name
-        if (final / "encoder.onnx").is_file():
+        own_decoder = art is None or art.lora.adapts_decoder
+        if (final / "encoder.onnx").is_file() and (not own_decoder or (final / "decoder.onnx").is_file()):
             return final
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.cache_dir))
         try:
             sam = merged_sam(self.model, art)  # verifies the adapter against the base model
             export_encoder(sam, staging / "encoder.onnx", simplify=self.simplify, label=f"encoder {name}")
-            if art is None:
-                export_decoder(sam, staging / "decoder.onnx", simplify=self.simplify)
+            if own_decoder:
+                export_decoder(sam, staging / "decoder.onnx", simplify=self.simplify, label=f"decoder {name}")
             del sam
             try:
                 os.rename(staging, final)
@@ -174,10 +213,13 @@ class OnnxRuntime:
         report = verify_artifact(art, self.model)
         if not report["ok"]:
             raise AdapterError(f"refusing adapter {art.path}: " + "; ".join(report["problems"]))
-        path = self._graphs("", art) / "encoder.onnx"
+        graphs = self._graphs("", art)
         # ONNX graphs are merged by construction; ``merged`` changes nothing here.
+        if art.lora.adapts_decoder:
+            predictor = self._predictor(graphs)
+            return AdapterHandle(art.ref, merged=True, state={"session": predictor.encoder, "decoder": predictor})
         return AdapterHandle(art.ref, merged=True,
-                             state={"session": make_session(path, self.providers, self.threads)})
+                             state={"session": make_session(graphs / "encoder.onnx", self.providers, self.threads)})
 
     def unload_adapter(self, handle: AdapterHandle) -> None:
         handle.state.clear()
@@ -191,8 +233,8 @@ class OnnxRuntime:
         return [ImageEmbedding(torch.from_numpy(feats[i: i + 1]), (im.shape[0], im.shape[1]), sizes[i])
                 for i, im in enumerate(images)]
 
-    def decode(self, emb: ImageEmbedding, prompts: Prompts, multimask: bool, return_logits: bool) -> Prediction:
-        return self.base.decode(emb, prompts, multimask=multimask, return_logits=return_logits)
+    def decoder(self, handle: AdapterHandle | None) -> Decoder:
+        return (handle.state.get("decoder") if handle is not None else None) or self.base
 
     def describe(self) -> dict[str, Any]:
         return {"runtime": self.kind, "providers": list(self.providers), "graphs": str(self.cache_dir)}

@@ -23,10 +23,10 @@ def make_base(directory: Path) -> Path:
 
 
 def publish_adapter(base_path: Path, registry: Path, domain: str, seed: int, scale: float = 2.0,
-                    activate: bool = True) -> int:
+                    activate: bool = True, targets: tuple[str, ...] = ("q", "v")) -> int:
     """A LoRA adapter with random (non-zero) B weights, published as the next version of ``domain``."""
     model = resolve_model(str(base_path))
-    add_adapter(model.sam, "a", LoraConfig(rank=2))
+    add_adapter(model.sam, "a", LoraConfig(rank=2, targets=targets))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora_layers(model.sam):
