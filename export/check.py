@@ -2,6 +2,9 @@
 
 The reference is the *unmerged* model: ``SamPredictorCore`` on the base model with the LoRA
 adapter attached and active, so a check also proves that merging for export changed nothing.
+The adapter stays active for decoding too, so an adapter with mask-decoder targets is compared
+with its own ``decoder_<domain>.onnx`` (``ExportBundle.decoder_path_for``) and every other domain
+with the shared ``decoder.onnx``: each domain's decoder is checked on that domain's cases.
 Cases: generated images of several sizes and aspect ratios (smaller and larger than the model
 input), 1, 5 and 64 prompts per image, and box / points / box+points / points+mask / mask
 prompts; each is decoded both single-mask and multimask.
@@ -190,6 +193,8 @@ def _check(bundle: ExportBundle, model: LoadedModel, domains: list[str], min_iou
     for domain in domains:
         art = bundle.adapter(domain)
         name = attach_adapter(model, art) if art is not None else None
+        # Active through decoding as well: LoRA on the mask decoder applies only while its adapter
+        # is active, and the ONNX side decodes with the domain's own decoder graph when it has one.
         set_adapter(model.sam, name)
         try:
             progress(f"checking domain {domain}: {len(images)} images, "
@@ -209,6 +214,8 @@ def _check(bundle: ExportBundle, model: LoadedModel, domains: list[str], min_iou
                 delete_adapter(model.sam, name)
         report["domains"][domain] = {
             "adapter": str(art.ref) if art is not None else None,
+            # Which graph decoded this domain's cases: its own when its adapter adapts the decoder.
+            "decoder": bundle.decoder_graph(domain)["file"],
             "encoder_max_abs_diff": enc_diff,
             "encoder_finite": bool(enc_finite),
             "mask_iou_min": min(c["mask_iou"] for c in cases),

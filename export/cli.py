@@ -19,7 +19,8 @@ DEFAULT_MODEL = "sam-mini"
 DESCRIPTION = """Export a model (optionally with LoRA adapters) for deployment:
 
   merged    one safetensors file, adapter merged (loads in wesam and segment_anything)
-  onnx      encoder graph per domain + one shared prompt-encoder/mask-decoder graph
+  onnx      encoder graph per domain + a shared prompt-encoder/mask-decoder graph, and a
+            decoder graph of its own for each adapter with mask-decoder LoRA targets
   check     ONNX Runtime vs PyTorch parity on generated images and prompts
   tensorrt  TensorRT engines from an ONNX export (needs TensorRT and an NVIDIA GPU)
   triton    Triton model repository from an ONNX export
@@ -66,7 +67,7 @@ def cmd_merged(args: argparse.Namespace) -> int:
 
 @_guarded
 def cmd_onnx(args: argparse.Namespace) -> int:
-    from .bundle import export_onnx
+    from .bundle import export_onnx, graph_files
     from .common import load_model, open_adapter
 
     arts = [open_adapter(ref, args.registry) for ref in args.adapter or []]
@@ -74,10 +75,13 @@ def cmd_onnx(args: argparse.Namespace) -> int:
     bundle = export_onnx(model, arts, args.out, include_base=not args.no_base, opset=args.opset,
                          simplify=not args.no_simplify)
     m = bundle.manifest
-    _print_json({"dir": str(bundle.root), "domains": bundle.domains, "opset": m["opset"],
-                 "base_model": {k: m["base_model"][k] for k in ("name", "sha256")},
-                 "adapters": {d: e["adapter"]["ref"] for d, e in m["encoders"].items() if e["adapter"]},
-                 "files": sorted(f for g in [*m["encoders"].values(), m["decoder"]] for f in g["files"])})
+    summary = {"dir": str(bundle.root), "domains": bundle.domains, "opset": m["opset"],
+               "base_model": {k: m["base_model"][k] for k in ("name", "sha256")},
+               "adapters": {d: e["adapter"]["ref"] for d, e in m["encoders"].items() if e["adapter"]},
+               "files": sorted(graph_files(m))}
+    if bundle.decoders:  # only then: the output for encoder-only adapters stays as it was
+        summary["decoders"] = {d: g["file"] for d, g in bundle.decoders.items()}
+    _print_json(summary)
     return 0
 
 
@@ -149,7 +153,7 @@ def add_export_parser(subparsers: "argparse._SubParsersAction") -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     esub = e.add_subparsers(dest="export_cmd", required=True, metavar="{merged,onnx,check,tensorrt,triton}")
 
-    m = esub.add_parser("merged", help="one safetensors file with a LoRA adapter merged into the encoder")
+    m = esub.add_parser("merged", help="one safetensors file with a LoRA adapter merged into the model")
     _add_model(m, DEFAULT_MODEL)
     m.add_argument("--adapter", required=True, help="adapter directory, or DOMAIN[@vN] in --registry")
     m.add_argument("--registry", help="adapter registry directory")
@@ -158,7 +162,8 @@ def add_export_parser(subparsers: "argparse._SubParsersAction") -> None:
     m.add_argument("--filename", help="weights file name (default <model>_<domain>_v<N>.safetensors)")
     m.set_defaults(func=cmd_merged)
 
-    o = esub.add_parser("onnx", help="encoder graph per domain + shared prompt/mask decoder graph")
+    o = esub.add_parser("onnx", help="encoder graph per domain + prompt/mask decoder graph(s): a shared one, "
+                                     "and its own for each adapter that adapts the mask decoder")
     _add_model(o, DEFAULT_MODEL)
     o.add_argument("--adapter", action="append", metavar="REF",
                    help="adapter directory or DOMAIN[@vN] (repeat for several domains)")
@@ -184,7 +189,9 @@ def add_export_parser(subparsers: "argparse._SubParsersAction") -> None:
     t = esub.add_parser("tensorrt", help="TensorRT engines from an ONNX export (NVIDIA GPU + TensorRT)")
     t.add_argument("dir", help="ONNX export directory")
     t.add_argument("--out", help="engine directory (default DIR/tensorrt)")
-    t.add_argument("--domain", action="append", help="build only this domain's encoder (repeatable)")
+    t.add_argument("--domain", action="append",
+                   help="build only this domain's encoder, and its own decoder if its adapter adapts the mask "
+                        "decoder (repeatable; the shared decoder is always built)")
     t.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"])
     t.add_argument("--max-batch", type=_positive, default=8, help="largest encoder batch (default 8)")
     t.add_argument("--max-prompts", type=_positive, default=64, help="largest N prompts per decoder call")
@@ -194,7 +201,7 @@ def add_export_parser(subparsers: "argparse._SubParsersAction") -> None:
     t.add_argument("--workspace-gib", type=float, default=4.0, help="builder workspace (default 4 GiB)")
     t.set_defaults(func=cmd_tensorrt)
 
-    r = esub.add_parser("triton", help="Triton model repository (encoders, decoder, ensembles)")
+    r = esub.add_parser("triton", help="Triton model repository (encoders, decoders, ensembles)")
     r.add_argument("dir", help="ONNX export directory")
     r.add_argument("--out", required=True, help="repository directory (replaced atomically if it is one)")
     r.add_argument("--domain", action="append", help="include only this domain (repeatable; default all)")

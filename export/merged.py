@@ -1,4 +1,5 @@
-"""Merged weights: a base model with one LoRA adapter folded into its image encoder.
+"""Merged weights: a base model with one LoRA adapter folded into its image encoder (and into its
+mask decoder too, for an adapter with decoder targets).
 
 The result is a plain ``segment_anything`` state dict (no ``LoraLinear`` wrappers, no LoRA
 tensors), written as safetensors with wesam's metadata, so both ``resolve_model(path)`` and

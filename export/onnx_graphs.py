@@ -1,4 +1,7 @@
-"""ONNX graphs of SAM: one image encoder per domain and one shared prompt-encoder + mask-decoder.
+"""ONNX graphs of SAM: an image encoder per domain and a prompt-encoder + mask-decoder graph.
+
+``export.bundle`` exports one decoder shared by all domains (the base model's) and, for each
+adapter with mask-decoder LoRA targets, that domain's own decoder; all take the contract below.
 
 Shapes: B images, S = img_size (padded square input), C = prompt_embed_dim, g = S / patch_size
 (embedding grid), L = 4 g (low-res mask side), N prompts per image, K points per prompt,

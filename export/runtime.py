@@ -6,7 +6,7 @@ Used by ``wesam export check`` and the benchmark; also a reference client for th
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -15,6 +15,9 @@ from wesam.sam.predictor import ImageEmbedding, Prediction, Prompts
 from wesam.sam.transforms import SamTransform
 
 from .prompts import decoder_feeds
+
+if TYPE_CHECKING:  # for the annotation only: the service uses this module without export bundles
+    from .bundle import ExportBundle
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
@@ -33,7 +36,10 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] = DEFAULT_PRO
 
 
 class OnnxSamPredictor:
-    """Encode with one domain's encoder graph, decode with the shared decoder graph.
+    """Encode with one domain's encoder graph, decode with that domain's decoder graph.
+
+    The decoder is the export's shared one unless the domain's adapter adapts the mask decoder
+    (``from_bundle`` picks it with ``ExportBundle.decoder_path_for``).
 
     Preprocessing is done here with ``adapters.transforms.SamTransform`` (the graphs take the
     normalised, padded (B, 3, S, S) tensor); prompts are laid out by ``export.prompts``.
@@ -50,10 +56,11 @@ class OnnxSamPredictor:
         self.transform = SamTransform(img_size, low_res_size)
 
     @classmethod
-    def from_bundle(cls, bundle, domain: str, **kwargs) -> "OnnxSamPredictor":
-        """From an ``export.bundle.ExportBundle``; ``domain`` picks the encoder ("base" or an adapter)."""
-        return cls(bundle.encoder_path(domain), bundle.decoder_path, bundle.img_size, bundle.low_res_size,
-                   mask_threshold=bundle.mask_threshold, **kwargs)
+    def from_bundle(cls, bundle: ExportBundle, domain: str, **kwargs: Any) -> "OnnxSamPredictor":
+        """From an ``export.bundle.ExportBundle``; ``domain`` ("base" or an adapter's) picks the encoder
+        and the decoder (its own when its adapter adapts the mask decoder, else the shared one)."""
+        return cls(bundle.encoder_path(domain), bundle.decoder_path_for(domain), bundle.img_size,
+                   bundle.low_res_size, mask_threshold=bundle.mask_threshold, **kwargs)
 
     def encode_tensor(self, x: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) float32 preprocessed -> (B, C, g, g) float32 embeddings."""

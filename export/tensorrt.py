@@ -8,6 +8,10 @@ graph's float32 cannot be a TensorRT shape-tensor input, see ``integer_size_deco
 are specific to the GPU model and TensorRT version that built them, so they are built on the
 serving machine, not shipped.
 
+Engines (``engine_plan``): ``encoder_<domain>.plan`` per selected domain, ``decoder.plan`` from
+the shared decoder, and ``decoder_<domain>.plan`` for each selected domain whose adapter adapts
+the mask decoder (from its ``decoder_<domain>.onnx``); each is an entry of ``engines.json``.
+
 Precision: TensorRT 10 uses its builder flags (fp16 / bf16 kernels where faster, fp32
 elsewhere). TensorRT 11 builds strongly typed networks only, so reduced precision needs the
 graph converted first: done with NVIDIA ModelOpt AutoCast when it is installed.
@@ -30,6 +34,16 @@ MANIFEST_FILE = "engines.json"
 
 class TensorRTUnavailable(ExportError):
     """TensorRT or a CUDA GPU is missing: engines cannot be built on this machine."""
+
+
+@dataclass(frozen=True)
+class PlannedEngine:
+    """One engine to build: its name (``engines.json`` key and ``<name>.plan``) and source graph."""
+
+    name: str
+    onnx: Path
+    kind: str  # "encoder" or "decoder"
+    domain: str | None = None  # set for a domain's own decoder
 
 
 @dataclass(frozen=True)
@@ -210,29 +224,53 @@ def _bf16_supported() -> bool:
     return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def engine_plan(bundle: ExportBundle, domains: Sequence[str] | None = None) -> list[PlannedEngine]:
+    """The engines ``build_engines`` builds for ``domains`` (default all), in build order.
+
+    The selected domains' encoders, the shared decoder, then the own decoder of every selected
+    domain whose adapter adapts the mask decoder: an engine from the shared decoder would decode
+    such a domain without its decoder LoRA.
+    """
+    domains = list(domains or bundle.domains)
+    for d in domains:
+        bundle.encoder_path(d)  # unknown domains fail before any work
+    plan = [PlannedEngine(f"encoder_{d}", bundle.encoder_path(d), "encoder") for d in domains]
+    plan.append(PlannedEngine("decoder", bundle.decoder_path, "decoder"))
+    plan += [PlannedEngine(f"decoder_{d}", bundle.decoder_path_for(d), "decoder", d)
+             for d in domains if bundle.has_own_decoder(d)]
+    return plan
+
+
+def _build_decoder_engine(bundle: ExportBundle, onnx_path: Path, engine_path: Path, limits: ProfileLimits, *,
+                          precision: str, workspace_gib: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="wesam-trt-") as tmp:
+        graph = integer_size_decoder(onnx_path, Path(tmp) / onnx_path.name)
+        entry = build_engine(graph, engine_path, decoder_shapes(bundle, limits), decoder_shape_values(bundle, limits),
+                             precision=precision, workspace_gib=workspace_gib)
+    # Engines take everything as the ONNX graphs do except this one input (see integer_size_decoder).
+    entry["onnx"] = str(onnx_path)
+    entry["inputs_differing_from_onnx"] = {"orig_im_size": "int64 (TensorRT shape-tensor inputs must be integers)"}
+    return entry
+
+
 def build_engines(bundle: ExportBundle, out_dir: str | os.PathLike, *, domains: Sequence[str] | None = None,
                   precision: str = "fp16", limits: ProfileLimits = ProfileLimits(),
                   workspace_gib: float = 4.0) -> dict[str, Any]:
-    """Engines for the selected domains' encoders and the decoder, plus ``engines.json``."""
+    """Engines for the selected domains' encoders and decoders (``engine_plan``), plus ``engines.json``."""
     trt = require_tensorrt()  # fail before any work when engines cannot be built here
-    domains = list(domains or bundle.domains)
-    for d in domains:
-        bundle.encoder_path(d)
+    plan = engine_plan(bundle, domains)
     out = Path(out_dir)
     engines: dict[str, Any] = {}
-    for domain in domains:
-        engines[f"encoder_{domain}"] = build_engine(
-            bundle.encoder_path(domain), out / f"encoder_{domain}.plan", encoder_shapes(bundle, limits), {},
-            precision=precision, workspace_gib=workspace_gib)
-    with tempfile.TemporaryDirectory(prefix="wesam-trt-") as tmp:
-        decoder_graph = integer_size_decoder(bundle.decoder_path, Path(tmp) / "decoder.onnx")
-        engines["decoder"] = build_engine(
-            decoder_graph, out / "decoder.plan", decoder_shapes(bundle, limits),
-            decoder_shape_values(bundle, limits), precision=precision, workspace_gib=workspace_gib)
-    # Engines take everything as the ONNX graphs do except this one input (see integer_size_decoder).
-    engines["decoder"]["onnx"] = str(bundle.decoder_path)
-    engines["decoder"]["inputs_differing_from_onnx"] = {"orig_im_size": "int64 (TensorRT shape-tensor inputs "
-                                                                        "must be integers)"}
+    for item in plan:
+        path = out / f"{item.name}.plan"
+        if item.kind == "encoder":
+            engines[item.name] = build_engine(item.onnx, path, encoder_shapes(bundle, limits), {},
+                                              precision=precision, workspace_gib=workspace_gib)
+        else:
+            engines[item.name] = _build_decoder_engine(bundle, item.onnx, path, limits, precision=precision,
+                                                       workspace_gib=workspace_gib)
+        if item.domain is not None:
+            engines[item.name]["domain"] = item.domain
     manifest = {
         "format": "wesam-tensorrt",
         "tensorrt_version": getattr(trt, "__version__", None),

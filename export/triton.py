@@ -5,8 +5,11 @@ Layout (loadable by the stock ``tritonserver`` image, no wesam code needed)::
     REPO/encoder_<domain>/config.pbtxt     ONNX Runtime backend, dynamic batching over images
     REPO/encoder_<domain>/1/model.onnx     (+ the .onnx.data weights file for >2 GB models)
     REPO/decoder/config.pbtxt              ONNX Runtime backend, max_batch_size 0 (ragged prompts)
-    REPO/decoder/1/model.onnx
-    REPO/pipeline_<domain>/config.pbtxt    ensemble: encoder_<domain> -> decoder
+    REPO/decoder/1/model.onnx              the shared decoder (the base model's)
+    REPO/decoder_<domain>/config.pbtxt     as ``decoder``, only for a domain whose adapter adapts the
+    REPO/decoder_<domain>/1/model.onnx     mask decoder (the export's decoder_<domain>.onnx)
+    REPO/pipeline_<domain>/config.pbtxt    ensemble: encoder_<domain> -> decoder_<domain> if the domain
+                                           has its own decoder, else -> decoder
     REPO/pipeline_<domain>/1/              (ensembles have no model file; the version dir must exist)
     REPO/wesam_triton.json                 what was built from what (ignored by Triton)
 
@@ -45,6 +48,12 @@ def encoder_model(domain: str) -> str:
 
 def pipeline_model(domain: str) -> str:
     return f"pipeline_{domain}"
+
+
+def decoder_model(bundle: ExportBundle, domain: str) -> str:
+    """The Triton model that decodes ``domain``: ``decoder_<domain>`` when its adapter adapts the mask
+    decoder (its own graph), else the shared ``decoder``."""
+    return f"{DECODER_MODEL}_{domain}" if bundle.has_own_decoder(domain) else DECODER_MODEL
 
 
 def _dims(shape: Sequence[int | str]) -> list[int]:
@@ -92,11 +101,13 @@ def encoder_config(domain: str, graph: dict[str, Any], *, max_batch_size: int, q
     return c
 
 
-def decoder_config(graph: dict[str, Any], *, instance_kind: str, instances: int):
-    """ModelConfig of the shared decoder: non-batching, every dim as in the ONNX graph."""
+def decoder_config(graph: dict[str, Any], *, instance_kind: str, instances: int,
+                   model_name: str = DECODER_MODEL):
+    """ModelConfig of a decoder (the shared one, or ``decoder_<domain>``): non-batching, every dim as in
+    the ONNX graph."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    c = mc.ModelConfig(name=DECODER_MODEL, backend="onnxruntime", max_batch_size=0,
+    c = mc.ModelConfig(name=model_name, backend="onnxruntime", max_batch_size=0,
                        default_model_filename=MODEL_FILE)
     for name in DECODER_INPUTS:
         _tensor(c.input.add(), name, graph["inputs"][name], drop_batch=False)
@@ -106,8 +117,10 @@ def decoder_config(graph: dict[str, Any], *, instance_kind: str, instances: int)
     return c
 
 
-def pipeline_config(domain: str, encoder: dict[str, Any], decoder: dict[str, Any]):
-    """Ensemble image + prompts -> masks: ``encoder_<domain>`` then ``decoder``, no Python code."""
+def pipeline_config(domain: str, encoder: dict[str, Any], decoder: dict[str, Any], *,
+                    decoder_name: str = DECODER_MODEL):
+    """Ensemble image + prompts -> masks: ``encoder_<domain>`` then ``decoder_name`` (the domain's
+    decoder model), no Python code."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     c = mc.ModelConfig(name=pipeline_model(domain), platform="ensemble", max_batch_size=0)
@@ -121,7 +134,7 @@ def pipeline_config(domain: str, encoder: dict[str, Any], decoder: dict[str, Any
     enc = c.ensemble_scheduling.step.add(model_name=encoder_model(domain), model_version=-1)
     enc.input_map["image"] = "image"
     enc.output_map["image_embeddings"] = "image_embeddings"
-    dec = c.ensemble_scheduling.step.add(model_name=DECODER_MODEL, model_version=-1)
+    dec = c.ensemble_scheduling.step.add(model_name=decoder_name, model_version=-1)
     for name in DECODER_INPUTS:
         dec.input_map[name] = name
     for name in DECODER_OUTPUTS:
@@ -165,6 +178,8 @@ def build_repository(bundle: ExportBundle, out: str | os.PathLike, *, domains: S
     out = Path(out)
     with staged_output(out, MARKER_FILE, "wesam Triton repository") as staging:
         models: dict[str, Any] = {}
+        # The shared (base) decoder is always there, whatever the selected domains, so the layout
+        # and a client calling ``decoder`` directly do not depend on which adapters were exported.
         decoder = bundle.manifest["decoder"]
         progress(f"triton: {DECODER_MODEL} ({DECODER_FILE})")
         _copy_graph(bundle, decoder, staging / DECODER_MODEL)
@@ -174,6 +189,15 @@ def build_repository(bundle: ExportBundle, out: str | os.PathLike, *, domains: S
         for domain in domains:
             graph = bundle.manifest["encoders"][domain]
             name = encoder_model(domain)
+            dec_name, dec_graph = decoder_model(bundle, domain), bundle.decoder_graph(domain)
+            if dec_name != DECODER_MODEL:
+                # The adapter adapts the mask decoder: the shared decoder would decode without it.
+                progress(f"triton: {dec_name} ({dec_graph['file']})")
+                _copy_graph(bundle, dec_graph, staging / dec_name)
+                _write_config(staging / dec_name / "config.pbtxt",
+                              decoder_config(dec_graph, instance_kind=instance_kind, instances=decoder_instances,
+                                             model_name=dec_name))
+                models[dec_name] = {"kind": "decoder", "domain": domain, "max_batch_size": 0}
             progress(f"triton: {name} and {pipeline_model(domain)}")
             _copy_graph(bundle, graph, staging / name)
             _write_config(staging / name / "config.pbtxt",
@@ -181,7 +205,7 @@ def build_repository(bundle: ExportBundle, out: str | os.PathLike, *, domains: S
                                          instance_kind=instance_kind, instances=encoder_instances))
             pipe = staging / pipeline_model(domain)
             (pipe / "1").mkdir(parents=True)
-            _write_config(pipe / "config.pbtxt", pipeline_config(domain, graph, decoder))
+            _write_config(pipe / "config.pbtxt", pipeline_config(domain, graph, dec_graph, decoder_name=dec_name))
             models[name] = {"kind": "encoder", "domain": domain, "max_batch_size": max_batch_size}
             models[pipeline_model(domain)] = {"kind": "ensemble", "domain": domain, "max_batch_size": 0}
         manifest = {

@@ -192,6 +192,9 @@ def test_onnx_manifest(onnx_dir: Path, base_path: str, registry: Registry) -> No
     assert dec["inputs"]["point_coords"]["shape"] == ["num_prompts", "num_points", 2]
     assert dec["inputs"]["orig_im_size"] == {"dtype": "float32", "shape": [2]}  # segment-anything's contract
     assert m["format_version"] == 2 and "resized input frame" in m["decoder_contract"]["point_coords"]
+    # q/v adapters leave the mask decoder alone: one shared decoder, no per-domain decoders.
+    assert "decoders" not in m and sorted(p.name for p in onnx_dir.glob("decoder*")) == ["decoder.onnx"]
+    assert read_export(onnx_dir).decoder_path_for("polyp") == onnx_dir / "decoder.onnx"
     assert dec["outputs"]["masks"]["shape"] == ["num_prompts", 4, "height", "width"]
     assert dec["outputs"]["low_res_masks"]["shape"] == ["num_prompts", 4, 32, 32]
     for g in [*m["encoders"].values(), dec]:
@@ -388,6 +391,7 @@ def test_check_parity_on_sam_micro(check_run) -> None:
     assert rc == 0 and summary["ok"] is True, summary["failures"][:3]
     assert summary["mask_iou_min"] >= 0.99 and summary["encoder_max_abs_diff"] < 1e-4
     assert set(summary["domains"]) == {"base", "polyp"} and summary["domains"]["polyp"]["adapter"] == "polyp@v1"
+    assert {d["decoder"] for d in summary["domains"].values()} == {"decoder.onnx"}
     assert "cases" not in summary and summary["n_cases"] == len(full["cases"]) == 2 * 4 * 3 * 5
     assert {c["prompts"] for c in full["cases"]} == {1, 5, 64}
     assert {c["kind"] for c in full["cases"]} == {"box", "points", "box+points", "points+mask", "mask"}
