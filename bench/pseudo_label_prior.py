@@ -9,8 +9,9 @@ each weight W (``--box-prior W`` of `wesam adapt`), and the ellipse alone. mIoU 
 (per instance, averaged per image, then over images). It is the measurement that chose the
 ``wesam +prior`` row's weight: labels at least as good as the ellipse floor are what a weak
 method can teach a source whose own masks are below it. With point labels (5 + 5 per instance, as
-`wesam adapt --prompt point` draws them) it scores the model's point-prompted masks and the
-ellipse of the positive points' spread, the shape prior that points alone give.
+`wesam adapt --prompt point` draws them) it scores the model's point-prompted masks, the same
+with ``W·(1 − m²/4)`` of the ellipse of the positive points' spread added (``--point-prior W``),
+and that ellipse alone, the shape prior that points alone give.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from wesam.adapters.adapt import constraints as C
 from wesam.adapters.adapt.data import load_adaptation_data
 
-from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
+from wesam.evaluation.evaluate import MAX_PROMPTS_PER_CALL, PromptSpec, prompts_from_weak
 from wesam.evaluation.metrics import SegmentationMeter
 from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import resolve_model
@@ -60,31 +61,24 @@ def prior_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], wei
     return {k: m.summary()["miou"] for k, m in meters.items()}
 
 
-def points_ellipse_masks(coords: np.ndarray, labels: np.ndarray, hw: tuple[int, int], scale: float = 2.0
-                         ) -> np.ndarray:
-    """The ellipse of each instance's positive points' covariance, ``scale`` standard deviations wide:
-    coords (N, K, 2) xy, labels (N, K) -> (N, H, W) bool. Uniform points in an ellipse of semi-axis a
-    have a standard deviation of a/2 along it, so scale 2 estimates the object's own ellipse."""
-    h, w = hw
-    yy, xx = np.mgrid[0:h, 0:w]
-    out = np.zeros((len(coords), h, w), bool)
-    for i, (c, lab) in enumerate(zip(coords, labels)):
-        pos = np.asarray(c, np.float64)[np.asarray(lab) == 1]
-        if not len(pos):
-            continue
-        mu = pos.mean(0)
-        cov = (np.cov(pos.T) if len(pos) > 1 else np.zeros((2, 2))) + np.eye(2)  # +1 px²: never singular
-        d = np.stack([xx - mu[0], yy - mu[1]], -1)
-        out[i] = np.einsum("hwi,ij,hwj->hw", d, np.linalg.inv(cov), d) <= scale * scale
-    return out
+def points_ellipse_masks(coords: np.ndarray, labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """The ellipse two standard deviations around each instance's positive points (the trainer's
+    point prior, :func:`~wesam.adapters.adapt.constraints.points_prior`, at >= 0): coords (N, K, 2)
+    xy, labels (N, K) -> (N, H, W) bool. Uniform points in an ellipse of semi-axis a have a standard
+    deviation of a/2 along it, so two estimate the object's own ellipse."""
+    inside = (C.points_prior(torch.as_tensor(coords, dtype=torch.float64), torch.as_tensor(labels), hw) >= 0).numpy()
+    has_positive = (np.asarray(labels) == 1).any(1)  # without one the prior is 0 (none), the mask empty
+    return inside & has_positive[:, None, None]
 
 
-def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], progress: bool = False
-                        ) -> dict[str, float]:
-    """mIoU of the model's point-prompted masks (``model``) and of the positive points' 2σ covariance
-    ellipse (``points ellipse``), a shape prior that point labels alone give. samples: as
+def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], weights: Sequence[float] = (),
+                        progress: bool = False) -> dict[str, float]:
+    """mIoU of the model's point-prompted masks (``model``), of ``logits + W·(1 − m²/4) > 0`` for each
+    W (``--point-prior W`` of `wesam adapt`; m the Mahalanobis distance under the positive points'
+    covariance) and of the positive points' 2σ ellipse alone (``points ellipse``). samples: as
     :func:`prior_label_quality`, with a point label (``point_coords`` (N, K, 2), ``point_labels`` (N, K))."""
-    meters = {"model": SegmentationMeter(), "points ellipse": SegmentationMeter()}
+    meters = {"model": SegmentationMeter(), **{f"W={w:g}": SegmentationMeter() for w in weights if w > 0},
+              "points ellipse": SegmentationMeter()}
     spec = PromptSpec("point")  # 5 + 5 points, as load_adaptation_data draws them
     for s in tqdm(samples, desc="point labels", disable=not progress):
         gts = s.instances
@@ -93,8 +87,17 @@ def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], pro
         hw = gts.shape[1:]
         # prompted exactly as `wesam eval` and the trainer's validation prompt them
         prompts = prompts_from_weak(s.label, predictor, hw, spec.mask_logit)
-        meters["model"].add_image(predict_instances(predictor, s.image, prompts, spec.multimask), gts)
-        meters["points ellipse"].add_image(points_ellipse_masks(s.label.point_coords, s.label.point_labels, hw), gts)
+        emb = predictor.encode(s.image)
+        logits = np.concatenate([predictor.decode(emb, prompts.subset(slice(i, i + MAX_PROMPTS_PER_CALL)),
+                                                  spec.multimask, return_logits=True).masks[:, 0]
+                                 for i in range(0, len(prompts), MAX_PROMPTS_PER_CALL)])
+        prior = C.points_prior(torch.as_tensor(s.label.point_coords, dtype=torch.float64),
+                               torch.as_tensor(s.label.point_labels), hw).numpy()
+        meters["model"].add_image(logits > predictor.sam.mask_threshold, gts)
+        for w in weights:
+            if w > 0:
+                meters[f"W={w:g}"].add_image(logits + w * prior > predictor.sam.mask_threshold, gts)
+        meters["points ellipse"].add_image(prior >= 0, gts)
     return {k: m.summary()["miou"] for k, m in meters.items()}
 
 
@@ -114,19 +117,24 @@ def main(argv: list[str] | None = None) -> int:
     predictor = SamPredictorCore(model.sam)
     out: dict[str, Any] = {"model": model.model_id, "clip_margin": args.clip_margin, "split": "validation part of train",
                            "results": {}}
+    json_path = Path(args.json)
+    if json_path.is_file():  # keep the cells of other datasets and prompts measured on the same model
+        previous = json.loads(json_path.read_text())
+        if (previous.get("model"), previous.get("clip_margin")) == (out["model"], out["clip_margin"]):
+            out["results"] = previous.get("results", {})
     for data in args.data:
         name = Path(data).name
-        out["results"][name] = {}
+        out["results"].setdefault(name, {})
         for prompt in args.prompts:
             # skip_bad as `wesam bench adaptation` does: a few coco128 masks hold no instance above the size floor
             _, val, _ = load_adaptation_data(data, "train", prompt, skip_bad=True)
             if prompt == "box":
                 res = prior_label_quality(predictor, val, args.weights, args.clip_margin, progress=True)
             else:
-                res = point_label_quality(predictor, val, progress=True)
+                res = point_label_quality(predictor, val, args.weights, progress=True)
             out["results"][name][prompt] = {"n_images": len(val), **res}
             print(name, prompt, json.dumps({k: round(v, 4) for k, v in res.items()}), flush=True)
-    Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    json_path.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

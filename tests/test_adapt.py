@@ -454,6 +454,48 @@ def test_box_prior_shifts_pseudo_and_anchor_labels_towards_the_ellipse(setup, mo
         _cfg(setup, box_prior=0.0)
 
 
+def _points_ellipse_reference(coords: np.ndarray, labels: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Mahalanobis distance <= 2 under the positive points' covariance (+1 px²), written independently."""
+    yy, xx = np.mgrid[0:hw[0], 0:hw[1]]
+    out = np.zeros((len(coords), *hw), bool)
+    for i, (c, lab) in enumerate(zip(coords, labels)):
+        pos = c[lab == 1]
+        if len(pos):
+            cov = (np.cov(pos.T) if len(pos) > 1 else np.zeros((2, 2))) + np.eye(2)
+            d = np.stack([xx - pos.mean(0)[0], yy - pos.mean(0)[1]], -1)
+            out[i] = np.einsum("hwi,ij,hwj->hw", d, np.linalg.inv(cov), d) <= 4.0
+    return out
+
+
+def test_points_prior_is_the_two_sigma_ellipse_of_the_positive_points() -> None:
+    rng = np.random.default_rng(0)
+    coords = rng.uniform(4, 28, (3, 10, 2))
+    labels = np.tile(np.array([1] * 5 + [0] * 5), (3, 1))
+    labels[2] = [1] + [0] * 9  # a single positive point: a disk of radius 2 px (covariance = 1 px²)
+    prior = C.points_prior(torch.as_tensor(coords), torch.as_tensor(labels), (32, 40))
+    assert prior.shape == (3, 32, 40) and prior.max() <= 1.0
+    assert np.array_equal((prior >= 0).numpy(), _points_ellipse_reference(coords, labels, (32, 40)))
+    assert prior[2].max().item() == pytest.approx(1.0, abs=0.2)  # near 1 at the single point
+    none = C.points_prior(torch.as_tensor(coords[:1]), torch.zeros((1, 10)), (32, 40))
+    assert torch.equal(none, torch.zeros_like(none))  # no positive point: no prior
+
+
+def test_point_prior_shifts_pseudo_labels_towards_the_points_ellipse(setup, monkeypatch) -> None:
+    st = _capture(monkeypatch, "self_training_loss")
+    plain = AdaptationTrainer(_cfg(setup, method="anchor", prompt="point"), log=lambda *_: None)
+    weak, _, _ = _losses_once(plain)
+    ellipse = C.points_prior(weak.coords_input, weak.point_labels, weak.input_size) >= 0
+    strong = AdaptationTrainer(_cfg(setup, method="anchor", prompt="point", point_prior=1000.0), log=lambda *_: None)
+    _losses_once(strong)
+    assert (st[1][1].bool() == ellipse).float().mean() > 0.99
+    assert (st[0][1].bool() != ellipse).float().mean() > 0.01  # without the prior the labels were not the ellipse
+    assert "-pprior1000" in strong.cfg.run_name and math.isfinite(strong.train_step()["loss"])
+    with pytest.raises(ValueError, match="point prompts"):
+        _cfg(setup, prompt="box", point_prior=2.0)
+    with pytest.raises(ValueError, match="finite"):
+        _cfg(setup, prompt="point", point_prior=float("inf"))
+
+
 def test_respect_points_fixes_labelled_disks(setup, monkeypatch) -> None:
     st = _capture(monkeypatch, "self_training_loss")
     a = AdaptationTrainer(_cfg(setup, method="self-training", prompt="point", respect_points=True, point_radius=1),

@@ -36,16 +36,24 @@ def test_prior_label_quality_spans_model_to_ellipse(tmp_path) -> None:
 
     # point labels: the model's masks are what `wesam eval --prompt point` scores on the same images
     _, val_pts, _ = load_adaptation_data(root, "train", "point", val_fraction=0.5)
-    pts = point_label_quality(predictor, val_pts)
+    pts = point_label_quality(predictor, val_pts, [0.0, 1e6])
+    assert set(pts) == {"model", "W=1e+06", "points ellipse"}
     assert pts["model"] == pytest.approx(evaluate(predictor, val_pts, PromptSpec("point"))["miou"], abs=1e-9)
     assert 0.0 <= pts["points ellipse"] <= 1.0
+    # an overwhelming point prior is the points' ellipse (up to its rim)
+    assert pts["W=1e+06"] == pytest.approx(pts["points ellipse"], abs=0.02)
 
     out = tmp_path / "prior.json"
     assert main(["--data", str(root), "--model", str(model_path), "--weights", "0", "2", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     cell = doc["results"][root.name]
     assert cell["box"]["n_images"] >= 1 and {"W=0", "W=2", "ellipse"} <= set(cell["box"])
-    assert {"model", "points ellipse"} <= set(cell["point"])
+    assert {"model", "W=2", "points ellipse"} <= set(cell["point"])
+    # a later run of one prompt kind keeps the other's cells
+    assert main(["--data", str(root), "--model", str(model_path), "--weights", "1", "--prompts", "point",
+                 "--json", str(out)]) == 0
+    cell = json.loads(out.read_text())["results"][root.name]
+    assert {"W=0", "W=2", "ellipse"} <= set(cell["box"]) and "W=1" in cell["point"] and "W=2" not in cell["point"]
     with pytest.raises(SystemExit):
         main(["--data", str(root), "--model", str(model_path), "--weights", "-1", "--json", str(out)])
 

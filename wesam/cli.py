@@ -309,7 +309,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             n_points=args.points, ema_decay=args.ema_decay, confidence=args.confidence, pairwise=args.pairwise,
             clip_to_box=args.clip_to_box, clip_margin=args.clip_margin, respect_points=args.respect_points,
             point_radius=args.point_radius, confidence_quantile=args.confidence_quantile,
-            box_prior=args.box_prior,
+            box_prior=args.box_prior, point_prior=args.point_prior,
             anchor_kind=args.anchor_kind, anchor_clip=args.anchor_clip, select=args.select,
             grad_checkpointing=args.grad_checkpointing, work_dir=args.work_dir,
             limit=args.limit, skip_bad=args.skip_bad, val_fraction=args.val_fraction)
@@ -538,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--box-prior", type=float, metavar="W",
                    help="box prompts: add W * (1 - r^2) of each box's inscribed ellipse to the teacher's and "
                         "anchor's logits before they become labels (a shape prior where the model is unsure)")
+    d.add_argument("--point-prior", type=float, metavar="W",
+                   help="point prompts: add W * (1 - m^2/4) of the ellipse two standard deviations around each "
+                        "instance's positive points (m: Mahalanobis distance) to the teacher's and anchor's logits")
     d.add_argument("--respect-points", action="store_true",
                    help="point prompts: pseudo-labels and anchor labels take each labelled point's label "
                         "in a disk of --point-radius px")

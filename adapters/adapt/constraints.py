@@ -65,6 +65,36 @@ def ellipse_prior(boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return (1.0 - dy[:, :, None] - dx[:, None, :]).to(torch.float32)
 
 
+POINT_PRIOR_SCALE = 2.0  # standard deviations: uniform points in an ellipse of semi-axis a have σ = a/2 along it
+
+
+def points_prior(coords: torch.Tensor, labels: torch.Tensor, size: tuple[int, int],
+                 scale: float = POINT_PRIOR_SCALE) -> torch.Tensor:
+    """(N, K, 2) xy points and (N, K) labels -> (N, h, w) float: 1 − m² / scale², m the Mahalanobis
+    distance under the covariance of each instance's positive points (+1 px², never singular).
+
+    ``points_prior(...) >= 0`` is the ellipse ``scale`` standard deviations wide around the positive
+    points, the shape a point label alone gives (`wesam bench pseudo-label-prior`'s "points ellipse").
+    An instance without a positive point gets 0 everywhere (no prior).
+    """
+    h, w = size
+    n = coords.shape[0]
+    out = torch.zeros((n, h, w), dtype=torch.float64, device=coords.device)
+    ys = torch.arange(h, device=coords.device, dtype=torch.float64)
+    xs = torch.arange(w, device=coords.device, dtype=torch.float64)
+    for i in range(n):
+        pos = coords[i][labels[i] == 1].to(torch.float64)
+        if not len(pos):
+            continue
+        mu = pos.mean(0)
+        cov = (torch.cov(pos.T) if len(pos) > 1 else torch.zeros((2, 2), dtype=torch.float64, device=pos.device))
+        inv = torch.linalg.inv(cov + torch.eye(2, dtype=torch.float64, device=pos.device))
+        dx, dy = xs[None, :] - mu[0], ys[:, None] - mu[1]  # (1, w), (h, 1)
+        m2 = inv[0, 0] * dx * dx + (inv[0, 1] + inv[1, 0]) * dx * dy + inv[1, 1] * dy * dy
+        out[i] = 1.0 - m2 / (scale * scale)
+    return out.to(torch.float32)
+
+
 def _disk(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     r = int(radius)
     d = torch.arange(-r, r + 1, device=device)

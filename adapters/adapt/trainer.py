@@ -15,7 +15,8 @@ view). Methods, from weakest to strongest supervision:
 Options that leave the faithful method as the default (docs/adaptation.md, "Adaptation v2"):
 ``clip_to_box``/``respect_points`` apply the weak label to the pseudo-labels and anchor labels,
 ``box_prior`` adds a weighted inscribed-ellipse shape prior to the teacher's and anchor's logits
-before they become labels (see :func:`.constraints.ellipse_prior`),
+before they become labels (see :func:`.constraints.ellipse_prior`), ``point_prior`` the ellipse of
+the positive points' spread (:func:`.constraints.points_prior`),
 ``confidence_quantile`` ignores the least confident fraction of each image's box pixels,
 ``anchor_kind`` holds the anchor's soft prediction (logit/prob) instead of its hard mask (dice),
 ``select="fixed"`` publishes the last step instead of the best on validation. Every run
@@ -123,6 +124,9 @@ class AdaptConfig:
     # anchor's logits before they become labels (None: off). The model's own logits inside a box
     # are near +-0.3 on a weak source, so a weight of 2 lets the prior decide until the model is sure.
     box_prior: float | None = None
+    # Point prompts: the same with 1 - m^2/4 of the ellipse two standard deviations around each
+    # instance's positive points (m: Mahalanobis distance under their covariance); None: off.
+    point_prior: float | None = None
     # Ignore this fraction of in-box pixels with the smallest |teacher logit| (per image):
     confidence_quantile: float | None = None
     anchor_kind: str = "dice"  # dice (the reference), logit (clamped smooth-L1) or prob (MSE)
@@ -158,6 +162,10 @@ class AdaptConfig:
             raise ValueError(f"box prior weight must be finite and > 0, got {self.box_prior}")
         if self.box_prior is not None and self.prompt not in ("box", "coarse-box"):
             raise ValueError(f"a box prior needs box prompts (--prompt box or coarse-box), not {self.prompt!r}")
+        if self.point_prior is not None and not (0.0 < self.point_prior < float("inf")):
+            raise ValueError(f"point prior weight must be finite and > 0, got {self.point_prior}")
+        if self.point_prior is not None and self.prompt != "point":
+            raise ValueError(f"a point prior needs point prompts (--prompt point), not {self.prompt!r}")
         if self.clip_margin < 0 or self.point_radius < 0 or self.anchor_clip <= 0:
             raise ValueError("clip margin and point radius must be >= 0 and the anchor clip > 0")
         if self.grad_checkpointing not in GC.MODES:
@@ -174,6 +182,7 @@ class AdaptConfig:
         extra += "-pairwise" if self.pairwise else ""
         extra += f"-clip{self.clip_margin}" if self.clip_to_box else ""
         extra += f"-prior{self.box_prior:g}" if self.box_prior else ""
+        extra += f"-pprior{self.point_prior:g}" if self.point_prior else ""
         extra += f"-pts{self.point_radius}" if self.respect_points else ""
         extra += f"-confq{self.confidence_quantile}" if self.confidence_quantile else ""
         extra += f"-anchor{self.anchor_kind}" if self.anchor_kind != "dice" else ""
@@ -480,10 +489,14 @@ class AdaptationTrainer:
         return C.box_region(v.box_pixels, v.input_size, self.cfg.clip_margin)
 
     def _prior(self, v: _View) -> torch.Tensor | float:
-        """(N, h, w) box_prior * (1 - r²) of each box's inscribed ellipse, or 0.0 (no prior or no box)."""
-        if not self.cfg.box_prior or v.box_pixels is None:
-            return 0.0
-        return self.cfg.box_prior * C.ellipse_prior(v.box_pixels, v.input_size)
+        """(N, h, w) shape prior added to logits before they become labels, or 0.0 (none):
+        box_prior * (1 - r²) of each box's inscribed ellipse, point_prior * (1 - m²/4) of the
+        positive points' spread."""
+        if self.cfg.box_prior and v.box_pixels is not None:
+            return self.cfg.box_prior * C.ellipse_prior(v.box_pixels, v.input_size)
+        if self.cfg.point_prior and v.coords_input is not None:
+            return self.cfg.point_prior * C.points_prior(v.coords_input, v.point_labels, v.input_size)
+        return 0.0
 
     def _constrain(self, x: torch.Tensor, v: _View, region: torch.Tensor | None, pos: float, neg: float
                    ) -> torch.Tensor:
@@ -762,6 +775,7 @@ class AdaptationTrainer:
             + (f"+conf{cfg.confidence}" if cfg.confidence else "")
             + ("+clip" if cfg.clip_to_box else "") + ("+points" if cfg.respect_points else "")
             + (f"+prior{cfg.box_prior:g}" if cfg.box_prior else "")
+            + (f"+pprior{cfg.point_prior:g}" if cfg.point_prior else "")
             + (f"+confq{cfg.confidence_quantile}" if cfg.confidence_quantile else "")
             + (f"+anchor-{cfg.anchor_kind}" if cfg.anchor_kind != "dice" else ""),
             "prompt": cfg.prompt,
