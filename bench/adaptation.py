@@ -288,17 +288,19 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
              f"Base `{meta['model']}` (sha256 `{meta['model_sha256'][:16]}…`), {meta['steps']} steps at lr "
              f"{meta['lr']:g}; each row run once per seed with `wesam bench adaptation --seed S` (the seed draws the "
              "validation carve, the batches and the prompts' points); test splits. mIoU as mean ± sample standard "
-             "deviation over the seeds listed; Δ and \"of oracle\" use the means.", ""]
+             "deviation over the seeds listed; Δ and \"of oracle\" use the means; \"of oracle\" compares with the oracle "
+             "of the row's LoRA configuration (rank and targets) over its own seeds.", ""]
     for target, prompt in dict.fromkeys((t, p) for t, p, _ in groups):
         rows = sorted(((r, cs) for (t, p, r), cs in groups.items() if (t, p) == (target, prompt)),
                       key=lambda rc: row_rank(rc[0]))
         means = {r: float(np.mean([c["miou"] for c in cs])) for r, cs in rows}
-        direct, oracle = means.get("direct"), means.get("oracle")
+        direct = means.get("direct")
         first = rows[0][1][0]
         ellipse = f"{first['ellipse_miou']:.4f}" if first.get("ellipse_miou") is not None else "-"
         lines += [f"### {target}, {prompt} prompts (box filled {first['box_filled_miou']:.4f}, ellipse {ellipse})", "",
                   "| row | seeds | mIoU mean ± std | Δ vs direct | of oracle |", "|---|---|---|---|---|"]
         for r, cs in rows:
+            oracle = means.get(oracle_row(r))
             vals = [c["miou"] for c in cs]
             std = float(np.std(vals, ddof=1)) if len(vals) > 1 else float("nan")
             delta = f"{means[r] - direct:+.4f}" if direct is not None else "-"
@@ -311,14 +313,21 @@ def seeds_markdown(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
     return "\n".join(lines)
 
 
+def section_suffix(steps: int, lr: float) -> str:
+    """"" for the default run; "-2000-steps", "-lr0.0003", ... for others, so a run of another length
+    or learning rate gets its own RESULTS.md sections instead of replacing the default table."""
+    return ("" if steps == DEFAULT_STEPS else f"-{steps}-steps") + ("" if lr == AdaptConfig.lr else f"-lr{lr:g}")
+
+
 def results_sections(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> dict[str, str]:
     """bench/RESULTS.md sections for the cells of ``meta``'s steps, lr and base: the table of one seed
     (seed 0 where it ran, so a later seed's run does not replace the reference table; else meta's
     seed) and, once a row has two seeds, the over-seeds summary. Runs of the default length write
-    ``adaptation`` and ``adaptation-seeds``; other lengths get their own sections beside them."""
+    ``adaptation`` and ``adaptation-seeds``; other lengths and learning rates get their own sections
+    beside them (:func:`section_suffix`)."""
     same = {"steps": str(meta["steps"]), "lr": f"{meta['lr']:g}", "model_sha256": str(meta["model_sha256"])}
     over_seeds = {k: v for k, v in results.items() if all(key_fields(k)[f] == want for f, want in same.items())}
-    # Direct testing trains nothing, so its cell of any run length is this length's baseline too.
+    # Direct testing trains nothing, so its cell of any run length or lr is this run's baseline too.
     def cell_of(k: str, c: dict[str, Any]) -> tuple[str, str, str]:
         return c["target"], c["prompt"], key_fields(k)["seed"]
 
@@ -326,14 +335,13 @@ def results_sections(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -
                - {cell_of(k, c) for k, c in over_seeds.items() if c["row"] == "direct"})
     for k, c in results.items():
         f = key_fields(k)
-        if (c["row"] == "direct" and cell_of(k, c) in missing
-                and (f["lr"], f["model_sha256"]) == (same["lr"], same["model_sha256"])):
+        if c["row"] == "direct" and cell_of(k, c) in missing and f["model_sha256"] == same["model_sha256"]:
             over_seeds[k] = c
             missing.discard(cell_of(k, c))
     seeds = {key_fields(k)["seed"] for k in over_seeds}
     table_seed = "0" if "0" in seeds else str(meta["seed"])
     current = {k: v for k, v in over_seeds.items() if key_fields(k)["seed"] == table_seed}
-    suffix = "" if meta["steps"] == DEFAULT_STEPS else f"-{meta['steps']}-steps"
+    suffix = section_suffix(meta["steps"], meta["lr"])
     out = {}
     if current:
         out[f"adaptation{suffix}"] = to_markdown(current, {**meta, "seed": int(table_seed)})

@@ -52,10 +52,15 @@ def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
         assert rows[name].prompts == ("box",) and rows[name].extra["box_prior"] > 0
         with pytest.raises(ValueError, match="box prompts"):
             AdaptConfig(data="d", domain="x", method=rows[name].method, prompt="point", **rows[name].extra)
+    # the point-prior row runs on point cells only, for the same reason
+    assert rows["wesam +point prior +dec"].prompts == ("point",)
+    with pytest.raises(ValueError, match="point prompts"):
+        AdaptConfig(data="d", domain="x", method="wesam", prompt="box", **rows["wesam +point prior +dec"].extra)
     names = set()
     for r in ROWS:
         if r.method is not None:
-            names.add(AdaptConfig(data="d", domain="x", method=r.method, **r.extra).run_name)
+            prompt = (r.prompts or ("box",))[0]
+            names.add(AdaptConfig(data="d", domain="x", method=r.method, prompt=prompt, **r.extra).run_name)
     assert len(names) == len([r for r in ROWS if r.method is not None])  # distinct default work dirs
 
     fast = _cell("wesam fixed", 0.62)
@@ -126,3 +131,27 @@ def test_results_sections_keep_seed_0_and_give_other_lengths_their_own() -> None
     oracle = next(x for x in long["adaptation-2000-steps"].splitlines() if x.startswith("| oracle |"))
     assert "+0.1800" in oracle and "nan" not in long["adaptation-2000-steps"]
     assert long["adaptation-2000-steps"].count("| direct |") == 1
+    # another learning rate: its own section (it used to replace the default table), direct as baseline
+    cells[cell_key("kvasir_seg", "box", "wesam", 400, 3e-4, 0, sha)] = _cell("wesam", 0.70)
+    assert set(results_sections(cells, meta)) == {"adaptation", "adaptation-seeds"}
+    fast = results_sections(cells, {**meta, "lr": 3e-4, "seed": 0})
+    assert set(fast) == {"adaptation-lr0.0003"}
+    wesam = next(x for x in fast["adaptation-lr0.0003"].splitlines() if x.startswith("| wesam |"))
+    assert "0.7000" in wesam and "+0.1000" in wesam
+
+
+def test_of_oracle_compares_with_the_oracle_of_the_same_lora() -> None:
+    from wesam.bench.adaptation import cell_key, oracle_row, results_sections
+
+    assert oracle_row("wesam +ellipse labels +dec") == "oracle +dec" and oracle_row("wesam") == "oracle"
+    assert oracle_row("wesam +ellipse labels r16 q,k,v,proj") == "oracle r16 q,k,v,proj"
+    sha = "ab" * 32
+    cells = {}
+    for seed in (0, 1):
+        for row, v in (("direct", 0.60), ("oracle", 0.70), ("oracle +dec", 0.80), ("wesam +ellipse labels +dec", 0.75)):
+            cells[cell_key("kvasir_seg", "box", row, 400, 1e-4, seed, sha)] = _cell(row, v)
+    meta = {"model": "sam-mini", "model_sha256": sha, "steps": 400, "lr": 1e-4, "seed": 0, "machine": "t"}
+    out = results_sections(cells, meta)
+    for section in ("adaptation", "adaptation-seeds"):
+        line = next(x for x in out[section].splitlines() if x.startswith("| wesam +ellipse labels +dec |"))
+        assert "| 0.75 |" in line and "| 1.50 |" not in line, (section, line)  # 0.15 / 0.20, not 0.15 / 0.10
