@@ -22,17 +22,23 @@ def make_base(directory: Path) -> Path:
     return path
 
 
+def randomise_lora_b(sam: torch.nn.Module, name: str, seed: int, scale: float = 1.0) -> None:
+    """Give adapter ``name``'s B factors seeded random values (they start at zero, so the adapter
+    would change nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(sam):
+            for key in layer.keys_of(name):
+                w = layer.lora_B[key].weight
+                w.copy_(torch.randn(w.shape, generator=g) * scale)
+
+
 def publish_adapter(base_path: Path, registry: Path, domain: str, seed: int, scale: float = 2.0,
                     activate: bool = True, targets: tuple[str, ...] = ("q", "v")) -> int:
     """A LoRA adapter with random (non-zero) B weights, published as the next version of ``domain``."""
     model = resolve_model(str(base_path))
     add_adapter(model.sam, "a", LoraConfig(rank=2, targets=targets))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(model.sam):
-            for key in layer.keys_of("a"):
-                w = layer.lora_B[key].weight
-                w.copy_(torch.randn(w.shape, generator=g) * scale)
+    randomise_lora_b(model.sam, "a", seed, scale)
     reg = Registry(registry)
     with reg.staging(domain) as staged:
         save_adapter(staged, model, "a", domain=domain)

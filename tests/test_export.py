@@ -3,7 +3,6 @@ benchmark. All on sam-micro (64 px); one ONNX export and one check run are share
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -18,40 +17,21 @@ import numpy as np
 import pytest
 import torch
 
+from export_support import one_torch_thread, save_micro_base, wesam_export  # noqa: F401 (fixture)
+from service_support import randomise_lora_b
+
 from wesam.adapters.artifact import META_FILE, attach_adapter, save_adapter
-from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers, set_adapter
+from wesam.adapters.lora import LoraConfig, add_adapter, set_adapter
 from wesam.adapters.registry import Registry
 from wesam.export.bundle import read_export
 from wesam.export.check import check_export, pooled_iou
 from wesam.export.common import ExportError
-from wesam.export.cli import add_export_parser
 from wesam.export.prompts import decoder_feeds
 from wesam.export.runtime import make_session
 from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import SAM_MICRO, build_sam, resolve_model, save_safetensors, sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wesam_export(*argv: str) -> tuple[int, str, str]:
-    """Run ``wesam export ...`` in-process through ``add_export_parser``, as wesam/cli.py wires it."""
-    parser = argparse.ArgumentParser(prog="wesam")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    args = parser.parse_args(["export", *argv])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = args.func(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's threads spin-wait badly when the cores are busy; these models are tiny anyway."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +41,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_path(work: Path) -> str:
-    """sam-micro saved to a file so it has a SHA-256 like real base models."""
-    m = resolve_model("sam-micro", seed=0)
-    path = work / "micro.safetensors"
-    save_safetensors(m.sam, path, name="sam-micro", config=m.config)
-    return str(path)
+    return save_micro_base(work)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +49,7 @@ def registry(work: Path, base_path: str) -> Registry:
     """Registry with polyp@v1: a rank-2 q/v adapter with random B (big enough to change masks)."""
     model = resolve_model(base_path)
     add_adapter(model.sam, "a", LoraConfig(rank=2))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in lora_layers(model.sam):
-            for key in layer.keys_of("a"):
-                layer.lora_B[key].weight.copy_(torch.randn(layer.lora_B[key].weight.shape, generator=g))
+    randomise_lora_b(model.sam, "a", seed=0)
     reg = Registry(work / "registry")
     with reg.staging("polyp") as staged:
         save_adapter(staged, model, "a", domain="polyp")

@@ -9,60 +9,36 @@ ONNX Runtime; one export with three domains is shared by the module:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from export_support import one_torch_thread, save_micro_base, wesam_export  # noqa: F401 (fixture)
+from service_support import randomise_lora_b
+
 from wesam.adapters.artifact import attach_adapter, save_adapter
 from wesam.adapters.lora import (
     LoraConfig,
     add_adapter,
     delete_adapter,
-    lora_layers,
     set_adapter,
 )
 from wesam.adapters.registry import Registry
 from wesam.export.bundle import ExportBundle, read_export
 from wesam.export.check import check_export, pooled_iou
-from wesam.export.cli import add_export_parser
 from wesam.export.common import ExportError
 from wesam.export.prompts import decoder_feeds
 from wesam.export.runtime import OnnxSamPredictor, make_session
-
 from wesam.sam.predictor import Prompts, SamPredictorCore
-from wesam.sam.zoo import resolve_model, save_safetensors
+from wesam.sam.zoo import resolve_model
 
 DECODER_ADAPTED = ("q", "v", "dec_q", "dec_v")
 ATOL = 1e-4  # what tests/test_export.py allows between ONNX Runtime and PyTorch logits and scores
 MIN_IOU = 0.99
 SMALL_CHECK = {"image_sizes": ((60, 80), (150, 150)), "prompt_counts": (1, 5)}
-
-
-def wesam_export(*argv: str) -> tuple[int, str, str]:
-    """Run ``wesam export ...`` in-process through ``add_export_parser``, as wesam/cli.py wires it."""
-    parser = argparse.ArgumentParser(prog="wesam")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_export_parser(sub)
-    args = parser.parse_args(["export", *argv])
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = args.func(args)
-    return rc, out.getvalue(), err.getvalue()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """PyTorch's threads spin-wait badly when the cores are busy; these models are tiny anyway."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +48,7 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_path(work: Path) -> str:
-    """sam-micro saved to a file so it has a SHA-256 like real base models."""
-    m = resolve_model("sam-micro", seed=0)
-    path = work / "micro.safetensors"
-    save_safetensors(m.sam, path, name="sam-micro", config=m.config)
-    return str(path)
+    return save_micro_base(work)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +58,7 @@ def registry(work: Path, base_path: str) -> Registry:
     reg = Registry(work / "registry")
     for seed, (domain, targets) in enumerate([("polyp", ("q", "v")), ("skin", DECODER_ADAPTED)]):
         add_adapter(model.sam, domain, LoraConfig(rank=2, targets=targets))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():  # B starts at zero: randomise it so the adapter changes the outputs
-            for layer in lora_layers(model.sam):
-                for key in layer.keys_of(domain):
-                    layer.lora_B[key].weight.copy_(torch.randn(layer.lora_B[key].weight.shape, generator=g))
+        randomise_lora_b(model.sam, domain, seed)  # B starts at zero: the adapter would change nothing
         with reg.staging(domain) as staged:
             save_adapter(staged, model, domain, domain=domain)
         reg.publish(staged, domain)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from service_support import make_base, make_image, publish_adapter, reference_model
+from service_support import make_base, make_image, publish_adapter, randomise_lora_b, reference_model
 
 from wesam.adapters.lora import (
     DECODER_TARGETS,
@@ -16,7 +16,6 @@ from wesam.adapters.lora import (
     LoraLinear,
     adapter_state,
     add_adapter,
-    lora_layers,
     merge_and_unload,
     merged_decoder,
     set_adapter,
@@ -31,15 +30,6 @@ from wesam.service.messages import InferItem, PromptArrays
 
 DEC = ("q", "v", "dec_q", "dec_k", "dec_v", "dec_out")
 BOX = np.array([[8, 6, 50, 40]], np.float32)
-
-
-def _randomise(sam, name: str, seed: int = 0, scale: float = 1.0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(sam):
-            for key in layer.keys_of(name):
-                w = layer.lora_B[key].weight
-                w.copy_(torch.randn(w.shape, generator=g) * scale)
 
 
 def _decode(sam, x: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -89,7 +79,7 @@ def test_decoder_lora_starts_at_zero_changes_the_decoder_and_merges_exactly(micr
     add_adapter(sam, "dec", LoraConfig(rank=2, targets=("dec_q", "dec_v", "dec_out")))
     with use_adapter(sam, "dec"):
         assert torch.equal(_decode(sam, x, box), base)  # B = 0
-    _randomise(sam, "dec", scale=0.5)
+    randomise_lora_b(sam, "dec", seed=0, scale=0.5)
     with use_adapter(sam, "dec"):
         adapted = _decode(sam, x, box)
     # Decoder-only adapter: the embedding is the base one, yet the masks move.
@@ -103,7 +93,7 @@ def test_decoder_lora_starts_at_zero_changes_the_decoder_and_merges_exactly(micr
 def test_merged_decoder_is_a_plain_copy_of_the_adapted_decoder(micro) -> None:
     sam = micro.sam
     add_adapter(sam, "dec", LoraConfig(rank=2, targets=DEC))
-    _randomise(sam, "dec", seed=3, scale=0.5)
+    randomise_lora_b(sam, "dec", seed=3, scale=0.5)
     x, box = torch.randn(1, 3, micro.config.img_size, micro.config.img_size), torch.tensor([[10., 12., 40., 50.]])
     with use_adapter(sam, "dec"), torch.no_grad():
         emb = sam.image_encoder(x)

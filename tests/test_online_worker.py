@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_utils
-from service_support import encode, make_base, publish_adapter
+from service_support import encode, make_base, publish_adapter, randomise_lora_b
 
 from wesam.adapters.artifact import read_artifact, verify_artifact
 from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers
@@ -288,7 +288,7 @@ def test_trainer_starts_from_a_state_and_is_pulled_towards_the_pin(base_path: Pa
     model = resolve_model(str(base_path))
     other = resolve_model(str(base_path))
     add_adapter(other.sam, "p", LoraConfig(rank=2))
-    _perturb(other.sam, "p", seed=3, scale=0.05)
+    randomise_lora_b(other.sam, "p", seed=3, scale=0.05)
     pin = (LoraConfig(rank=2), {k: v.clone() for k, v in adapter_state(other.sam, "p").items()})
     cfg = AdaptConfig(data="-", domain=DOMAIN, registry=None, steps=3, batch_size=2, lr=1e-2, warmup_steps=1,
                       ema_decay=0.9, val_fraction=0.0, select="fixed", pull=1e-9)
@@ -335,15 +335,6 @@ def test_paired_bootstrap() -> None:
     assert a == b and a[1] < a[0] < a[2]  # seeded, and the interval brackets the mean
 
 
-def _perturb(sam: torch.nn.Module, name: str, seed: int, scale: float) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in lora_layers(sam):
-            for key in layer.keys_of(name):
-                w = layer.lora_B[key].weight
-                w.copy_(torch.randn(w.shape, generator=g) * scale)
-
-
 def test_gate_passes_an_identical_candidate_and_rejects_a_clearly_worse_one(base_path: Path) -> None:
     from wesam.adapters.lora import adapter_state, load_adapter_state, use_adapter
     from wesam.data.folder import Sample
@@ -354,9 +345,9 @@ def test_gate_passes_an_identical_candidate_and_rejects_a_clearly_worse_one(base
     sam = model.sam
     for name in ("active", "same", "worse"):
         add_adapter(sam, name, LoraConfig(rank=2))
-    _perturb(sam, "active", seed=1, scale=0.05)
+    randomise_lora_b(sam, "active", seed=1, scale=0.05)
     load_adapter_state(sam, "same", adapter_state(sam, "active"))
-    _perturb(sam, "worse", seed=9, scale=3.0)
+    randomise_lora_b(sam, "worse", seed=9, scale=3.0)
     # A golden set the active adapter segments perfectly: each mask is a fixed point of "predict
     # from the mask's tight box" under the active adapter (iterated from a scene's ellipse), so the
     # active adapter scores IoU 1 with the gate's box prompts and only a candidate can lose.
