@@ -4,7 +4,8 @@
 switched per encoder call (``use_adapter``), or, for domains configured as hot, run from a merged
 copy (``wesam.adapters.artifact.merged_sam``: zero LoRA overhead, one model copy each). ``OnnxRuntime`` runs
 ONNX Runtime sessions: one merged encoder graph per adapter version (exported on first use into a
-cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph.
+cache directory keyed by the model's and adapter's SHA-256) and one shared decoder graph (plus one
+per adapter with decoder targets).
 
 Most adapters adapt only the image encoder, and their domains share the base decoder. An adapter
 with mask-decoder targets (``LoraConfig.adapts_decoder``) gets a decoder of its own: a plain,
@@ -177,7 +178,8 @@ class OnnxRuntime:
                                 mask_threshold=float(self.model.sam.mask_threshold))
 
     def _graphs(self, key: str, art: AdapterArtifact | None) -> Path:
-        """Directory with ``encoder.onnx`` (+ ``decoder.onnx`` for the base), exported once.
+        """Directory with ``encoder.onnx`` (+ ``decoder.onnx`` for the base and for an adapter with
+        decoder targets), exported once.
 
         Written into a staging directory and renamed into place, so a crash or a second process
         exporting the same graphs never leaves a half-written directory behind.
