@@ -28,7 +28,7 @@ from tqdm import tqdm
 from wesam.adapters.adapt import constraints as C
 from wesam.adapters.adapt.data import load_adaptation_data
 
-from wesam.evaluation.evaluate import MAX_PROMPTS_PER_CALL, PromptSpec, prompts_from_weak
+from wesam.evaluation.evaluate import PromptSpec, predict_instances, prompts_from_weak
 from wesam.evaluation.metrics import SegmentationMeter
 from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import resolve_model
@@ -87,10 +87,7 @@ def point_label_quality(predictor: SamPredictorCore, samples: Sequence[Any], wei
         hw = gts.shape[1:]
         # prompted exactly as `wesam eval` and the trainer's validation prompt them
         prompts = prompts_from_weak(s.label, predictor, hw, spec.mask_logit)
-        emb = predictor.encode(s.image)
-        logits = np.concatenate([predictor.decode(emb, prompts.subset(slice(i, i + MAX_PROMPTS_PER_CALL)),
-                                                  spec.multimask, return_logits=True).masks[:, 0]
-                                 for i in range(0, len(prompts), MAX_PROMPTS_PER_CALL)])
+        logits = predict_instances(predictor, s.image, prompts, spec.multimask, return_logits=True)
         prior = C.points_prior(torch.as_tensor(s.label.point_coords, dtype=torch.float64),
                                torch.as_tensor(s.label.point_labels), hw).numpy()
         meters["model"].add_image(logits > predictor.sam.mask_threshold, gts)

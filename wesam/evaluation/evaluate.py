@@ -56,12 +56,13 @@ def prompts_from_weak(label: WeakLabel, predictor: SamPredictorCore, original_si
 
 
 def predict_instances(predictor: SamPredictorCore, image: np.ndarray, prompts: Prompts,
-                      multimask: bool) -> np.ndarray:
-    """One (H, W) bool mask per prompt row -> (N, H, W)."""
+                      multimask: bool, return_logits: bool = False) -> np.ndarray:
+    """One (H, W) bool mask (float logits with ``return_logits``) per prompt row -> (N, H, W)."""
     emb = predictor.encode(image)
     out = []
     for start in range(0, len(prompts), MAX_PROMPTS_PER_CALL):
-        pred = predictor.decode(emb, prompts.subset(slice(start, start + MAX_PROMPTS_PER_CALL)), multimask)
+        pred = predictor.decode(emb, prompts.subset(slice(start, start + MAX_PROMPTS_PER_CALL)), multimask,
+                                return_logits=return_logits)
         if multimask:
             pred = pred.best()
         out.append(pred.masks[:, 0])
