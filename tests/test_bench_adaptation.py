@@ -155,3 +155,19 @@ def test_of_oracle_compares_with_the_oracle_of_the_same_lora() -> None:
     for section in ("adaptation", "adaptation-seeds"):
         line = next(x for x in out[section].splitlines() if x.startswith("| wesam +ellipse labels +dec |"))
         assert "| 0.75 |" in line and "| 1.50 |" not in line, (section, line)  # 0.15 / 0.20, not 0.15 / 0.10
+
+
+def test_of_oracle_is_blank_when_the_oracle_gained_nothing() -> None:
+    from wesam.bench.adaptation import cell_key, results_sections
+
+    sha = "cd" * 32
+    cells = {}
+    for seed in (0, 1):
+        # The oracle gains 0.00004: a ratio over that is noise (it once printed "9372.95").
+        for row, v in (("direct", 0.49700), ("oracle", 0.49704), ("wesam +ellipse labels", 0.50140)):
+            cells[cell_key("coco128-fog", "box", row, 400, 1e-4, seed, sha)] = _cell(row, v)
+    meta = {"model": "sam-mini", "model_sha256": sha, "steps": 400, "lr": 1e-4, "seed": 0, "machine": "t"}
+    out = results_sections(cells, meta)
+    for section in ("adaptation", "adaptation-seeds"):
+        line = next(x for x in out[section].splitlines() if x.startswith("| wesam +ellipse labels |"))
+        assert "+0.0044" in line and line.split("|")[5].strip() == "-", (section, line)
