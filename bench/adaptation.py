@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from wesam.adapters.adapt.trainer import AdaptationTrainer, AdaptConfig
-from wesam.adapters.lora import use_adapter
+from wesam.adapters.lora import ENCODER_QV, use_adapter
 from wesam.data import FolderDataset
 from wesam.data.corruptions import corrupt
 from wesam.data.folder import read_image_rgb
@@ -45,10 +45,16 @@ class Row:
     prompts: tuple[str, ...] | None = None  # the prompt kinds the row applies to (None: all)
 
     @property
+    def config(self) -> dict[str, Any]:
+        """The row's AdaptConfig options. A row that names no LoRA targets adapts q and v of the
+        encoder, as every such row has since the table began: `wesam adapt`'s default now adds the
+        mask decoder, and that is the `+dec` rows."""
+        return {"lora_targets": ENCODER_QV, **self.extra}
+
+    @property
     def lora(self) -> tuple[int, tuple[str, ...]]:
-        """(rank, targets) of the row's LoRA (the trainer's defaults unless the row sets them)."""
-        return (self.extra.get("lora_rank", AdaptConfig.lora_rank),
-                tuple(self.extra.get("lora_targets", AdaptConfig.lora_targets)))
+        """(rank, targets) of the row's LoRA."""
+        return (self.config.get("lora_rank", AdaptConfig.lora_rank), tuple(self.config["lora_targets"]))
 
 
 DEC_TARGETS = ("q", "v", "dec_q", "dec_k", "dec_v", "dec_out")
@@ -195,7 +201,7 @@ def run_cell(model: str, data: Path, target: str, prompt: str, row: Row, steps: 
         cfg = AdaptConfig(data=str(data), domain=target.replace("_", "-"), model=model, prompt=prompt,
                           method=row.method, steps=steps, lr=lr, seed=seed, registry=None, skip_bad=True,
                           work_dir=str(cell_work_dir(work, target, prompt, row, steps, seed, lr, base.sha256)),
-                          **row.extra)
+                          **row.config)
         a = AdaptationTrainer(cfg, log=lambda *_: None, model=base)
         summary = a.run(publish=False)
         with use_adapter(a.sam, "train"):

@@ -42,6 +42,9 @@ def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
 
     rows = {r.name: r for r in ROWS}
     assert rows["wesam"].extra == {}  # the faithful row stays
+    # ... on the encoder's q and v, although `wesam adapt`'s default now adds the decoder
+    assert rows["wesam"].lora == (4, ("q", "v")) and rows["oracle"].config["lora_targets"] == ("q", "v")
+    assert rows["wesam +dec"].lora == (4, AdaptConfig.lora_targets)
     assert rows["wesam +clip"].extra == {"clip_to_box": True, "respect_points": True}
     assert rows["wesam+ +conf q0.2"].extra == {"confidence_quantile": 0.2}
     assert rows["wesam +anchor logit"].extra == {"anchor_kind": "logit"}
@@ -60,7 +63,7 @@ def test_v2_rows_are_valid_configs_and_the_table_shows_speed() -> None:
     for r in ROWS:
         if r.method is not None:
             prompt = (r.prompts or ("box",))[0]
-            names.add(AdaptConfig(data="d", domain="x", method=r.method, prompt=prompt, **r.extra).run_name)
+            names.add(AdaptConfig(data="d", domain="x", method=r.method, prompt=prompt, **r.config).run_name)
     assert len(names) == len([r for r in ROWS if r.method is not None])  # distinct default work dirs
 
     fast = _cell("wesam fixed", 0.62)

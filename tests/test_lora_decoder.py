@@ -9,8 +9,10 @@ import pytest
 import torch
 from service_support import make_base, make_image, publish_adapter, randomise_lora_b, reference_model
 
+from wesam.adapters.adapt.trainer import AdaptConfig
 from wesam.adapters.lora import (
     DECODER_TARGETS,
+    DEFAULT_ADAPT_TARGETS,
     TARGETS,
     LoraConfig,
     LoraLinear,
@@ -21,7 +23,7 @@ from wesam.adapters.lora import (
     set_adapter,
     use_adapter,
 )
-from wesam.cli import LORA_TARGET_CHOICES
+from wesam.cli import DEFAULT_LORA_TARGETS, LORA_TARGET_CHOICES
 from wesam.sam.predictor import Prompts, SamPredictorCore
 from wesam.sam.zoo import resolve_model
 from wesam.service.config import ServeConfig
@@ -47,6 +49,9 @@ def micro():
 
 def test_cli_choices_are_the_lora_targets() -> None:
     assert tuple(LORA_TARGET_CHOICES) == tuple(TARGETS)
+    # `wesam adapt`'s default targets: the encoder's q, v and the whole decoder, in both spellings
+    assert tuple(DEFAULT_LORA_TARGETS) == DEFAULT_ADAPT_TARGETS == AdaptConfig.lora_targets
+    assert LoraConfig(targets=DEFAULT_ADAPT_TARGETS).adapts_decoder and not LoraConfig().adapts_decoder
     assert set(DECODER_TARGETS) <= set(TARGETS)
 
 

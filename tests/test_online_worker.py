@@ -291,7 +291,8 @@ def test_trainer_starts_from_a_state_and_is_pulled_towards_the_pin(base_path: Pa
     randomise_lora_b(other.sam, "p", seed=3, scale=0.05)
     pin = (LoraConfig(rank=2), {k: v.clone() for k, v in adapter_state(other.sam, "p").items()})
     cfg = AdaptConfig(data="-", domain=DOMAIN, registry=None, steps=3, batch_size=2, lr=1e-2, warmup_steps=1,
-                      ema_decay=0.9, val_fraction=0.0, select="fixed", pull=1e-9)
+                      ema_decay=0.9, val_fraction=0.0, select="fixed", pull=1e-9,
+                      lora_targets=WorkerConfig.lora_targets)  # encoder-only, as the worker's pin
 
     def trainer(**kw: Any) -> AdaptationTrainer:
         return AdaptationTrainer(dataclasses.replace(cfg, **kw.pop("cfg", {})), log=lambda *_: None,

@@ -12,9 +12,10 @@ from wesam.service.config import PREFIX as SERVE_ENV_PREFIX  # stdlib-only modul
 
 from .errors import WesamError
 
-# wesam.adapters.lora.TARGETS, spelled out so that `wesam --help` does not import torch
-# (tests/test_lora_decoder.py checks the two agree).
+# wesam.adapters.lora.TARGETS and DEFAULT_ADAPT_TARGETS, spelled out so that `wesam --help` does
+# not import torch (tests/test_lora_decoder.py checks they agree).
 LORA_TARGET_CHOICES = ("q", "k", "v", "proj", "mlp1", "mlp2", "dec_q", "dec_k", "dec_v", "dec_out")
+DEFAULT_LORA_TARGETS = ("q", "v", "dec_q", "dec_k", "dec_v", "dec_out")
 from .version import __version__
 
 DEFAULT_DATA_ROOT = "../shared/data"
@@ -523,9 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=DEFAULT_LR)
     d.add_argument("--lora-rank", type=int, default=4)
     d.add_argument("--lora-alpha", type=float, help="scale = alpha / rank (default: scale 1, as WeSAM)")
-    d.add_argument("--lora-targets", nargs="+", default=["q", "v"],
+    d.add_argument("--lora-targets", nargs="+", default=list(DEFAULT_LORA_TARGETS),
                    choices=list(LORA_TARGET_CHOICES),
                    help="encoder targets (q k v proj mlp1 mlp2) and mask-decoder targets (dec_q dec_k dec_v dec_out); "
+                        f"default: {' '.join(DEFAULT_LORA_TARGETS)} (`q v` alone is the encoder-only WeSAM reference); "
                         "an adapter with decoder targets is served with its own decoder")
     d.add_argument("--ema-decay", type=float, help="use an EMA teacher with this decay (ablation)")
     d.add_argument("--confidence", type=float, help="ignore pseudo-label pixels with |logit| below this")

@@ -61,6 +61,7 @@ from wesam.sam.zoo import LoadedModel, resolve_model
 
 from ..artifact import save_adapter
 from ..lora import (
+    DEFAULT_ADAPT_TARGETS,
     LoraConfig,
     LoraLinear,
     adapter_state,
@@ -105,7 +106,7 @@ class AdaptConfig:
     grad_clip: float = 1.0
     lora_rank: int = 4
     lora_alpha: float | None = None
-    lora_targets: tuple[str, ...] = ("q", "v")
+    lora_targets: tuple[str, ...] = DEFAULT_ADAPT_TARGETS  # encoder q, v + the mask decoder
     seed: int = 0
     device: str = "cpu"
     eval_every: int = 50

@@ -6,7 +6,14 @@ it could only adapt all of qkv (k included). Here each target is an output slice
 which expresses q/v-only LoRA exactly and keeps several named adapters resident on one base.
 """
 
-from .config import DECODER_TARGETS, ENCODER_TARGETS, TARGETS, LoraConfig
+from .config import (
+    DECODER_TARGETS,
+    DEFAULT_ADAPT_TARGETS,
+    ENCODER_QV,
+    ENCODER_TARGETS,
+    TARGETS,
+    LoraConfig,
+)
 from .layer import LoraLinear
 from .merge import merge_and_unload, merged_decoder, plain_state_dict
 from .model import (
@@ -27,6 +34,8 @@ from .model import (
 
 __all__ = [
     "DECODER_TARGETS",
+    "DEFAULT_ADAPT_TARGETS",
+    "ENCODER_QV",
     "ENCODER_TARGETS",
     "TARGETS",
     "LoraConfig",

@@ -47,7 +47,7 @@ from ..adapt import DEFAULT_LR, METHODS
 from ..adapt.trainer import ADAPTER, AdaptationTrainer, AdaptConfig, AdapterState, NonFiniteLoss
 from ..artifact import WEIGHTS_FILE, save_adapter, verify_artifact
 from ..errors import AdapterError
-from ..lora import add_adapter, load_adapter_state
+from ..lora import ENCODER_QV, add_adapter, load_adapter_state
 from ..ref import AdapterRef
 from ..registry import Registry, _write_atomic
 from .control import DomainControl, read_control
@@ -93,6 +93,10 @@ class WorkerConfig:
     warmup_steps: int = 5
     method: str = "wesam"
     lora_rank: int = 4  # only when the domain has no adapter yet (else the active adapter's config)
+    # Also only for a domain's first adapter. Encoder-only, unlike `wesam adapt`'s default: the
+    # worker's pull and gate were built and tested with encoder adapters (an active decoder adapter
+    # is trained as it is, but no worker test covers one yet).
+    lora_targets: tuple[str, ...] = ENCODER_QV
     ema_decay: float | None = 0.99
     clip_to_box: bool = True
     respect_points: bool = True
@@ -125,6 +129,7 @@ class WorkerConfig:
         return AdaptConfig(data="<captured samples>", domain=self.domain, model=self.model, checkpoint=self.checkpoint,
                            method=self.method, registry=None, steps=self.steps_per_round, batch_size=self.batch_size,
                            lr=self.lr, warmup_steps=self.warmup_steps, lora_rank=self.lora_rank,
+                           lora_targets=tuple(self.lora_targets),
                            seed=self.seed + round_no, device=self.device, eval_every=self.steps_per_round + 1,
                            val_fraction=0.0, ema_decay=self.ema_decay, clip_to_box=self.clip_to_box,
                            respect_points=self.respect_points, select="fixed", pull=self.pull,
