@@ -27,7 +27,7 @@ import torch
 from pycocotools import mask as mask_utils
 from service_support import encode, make_base, publish_adapter, randomise_lora_b
 
-from wesam.adapters.artifact import read_artifact, verify_artifact
+from wesam.adapters.artifact import WEIGHTS_FILE, read_artifact, verify_artifact
 from wesam.adapters.lora import LoraConfig, add_adapter, lora_layers
 from wesam.adapters.online import CapturedSample, control, open_store
 from wesam.adapters.online.filtering import (FilterConfig, SelectionConfig, client_quota, is_holdout, prepare,
@@ -445,9 +445,34 @@ def test_a_domain_without_an_adapter_starts_from_the_base_model(tmp_path, base, 
         with run_worker(world, base, base_path) as w:
             rep = w.run_round()
     assert rep["outcome"] == "published" and rep["active"] is None and rep["start"] is None, rep
+    # a first adapter is encoder-only (the worker's lora_targets), whatever `wesam adapt` defaults to
+    assert Registry(reg).resolve(f"{DOMAIN}@v1").lora.targets == WorkerConfig.lora_targets == ("q", "v")
     lin = Registry(reg).resolve(f"{DOMAIN}@v1").meta["lineage"]
     assert lin["parent"] is None and lin["pinned"] is None and lin["replaces"] is None
     assert Registry(reg).active_version(DOMAIN) == 1
+
+
+def test_a_decoder_adapter_is_trained_as_it_is(tmp_path, base, base_path) -> None:
+    """An active adapter with mask-decoder LoRA (`wesam adapt`'s default targets) goes through a
+    round unchanged in kind: the candidate keeps its targets, and its decoder weights train too."""
+    from safetensors.torch import load_file
+
+    reg = tmp_path / "registry"
+    targets = ("q", "v", "dec_q", "dec_k", "dec_v", "dec_out")
+    publish_adapter(base_path, reg, DOMAIN, seed=1, scale=0.05, targets=targets)
+    write_golden(reg, [scene(1000 + k) for k in range(4)])
+    with open_store(str(tmp_path / "samples.db")) as store:
+        fill(store, 0, 12)
+        with run_worker({"reg": reg, "store": store}, base, base_path) as w:
+            rep = w.run_round()
+    assert rep["outcome"] == "published" and rep["published"] == f"{DOMAIN}@v2", rep
+    registry = Registry(reg)
+    v1, v2 = registry.resolve(f"{DOMAIN}@v1"), registry.resolve(f"{DOMAIN}@v2")
+    assert v2.lora.targets == targets and v2.lora.adapts_decoder and verify_artifact(v2, base)["ok"]
+    before, after = (load_file(str(a.path / WEIGHTS_FILE)) for a in (v1, v2))
+    assert before.keys() == after.keys()
+    decoder_keys = [k for k in after if k.startswith("mask_decoder.")]
+    assert decoder_keys and any(not torch.equal(before[k], after[k]) for k in decoder_keys)
 
 
 def test_late_samples_are_read_once(world, base, base_path) -> None:
