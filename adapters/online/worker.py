@@ -94,8 +94,8 @@ class WorkerConfig:
     method: str = "wesam"
     lora_rank: int = 4  # only when the domain has no adapter yet (else the active adapter's config)
     # Also only for a domain's first adapter. Encoder-only, unlike `wesam adapt`'s default: the
-    # worker's pull and gate were built and tested with encoder adapters (an active decoder adapter
-    # is trained as it is, but no worker test covers one yet).
+    # worker's pull and gate were tuned on encoder adapters. An active adapter with decoder targets
+    # keeps them (tests/test_online_worker.py::test_a_decoder_adapter_is_trained_as_it_is).
     lora_targets: tuple[str, ...] = ENCODER_QV
     ema_decay: float | None = 0.99
     clip_to_box: bool = True
