@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from wesam.adapters.adapt.trainer import AdaptationTrainer, AdaptConfig
-from wesam.adapters.lora import ENCODER_QV, use_adapter
+from wesam.adapters.lora import DECODER_TARGETS, ENCODER_QV, use_adapter
 from wesam.data import FolderDataset
 from wesam.data.corruptions import corrupt
 from wesam.data.folder import read_image_rgb
@@ -57,8 +57,10 @@ class Row:
         return (self.config.get("lora_rank", AdaptConfig.lora_rank), tuple(self.config["lora_targets"]))
 
 
-DEC_TARGETS = ("q", "v", "dec_q", "dec_k", "dec_v", "dec_out")
-DEC16_TARGETS = ("q", "k", "v", "proj", "dec_q", "dec_k", "dec_v", "dec_out")
+# The `+dec` rows: the encoder targets of the row without `+dec`, plus every decoder target. Spelled
+# from the parts, not from `wesam adapt`'s default, so that a later default cannot re-key these rows.
+DEC_TARGETS = (*ENCODER_QV, *DECODER_TARGETS)
+DEC16_TARGETS = ("q", "k", "v", "proj", *DECODER_TARGETS)
 ROWS = (
     Row("direct", None),
     Row("self-training", "self-training"),

@@ -129,7 +129,7 @@ class WorkerConfig:
         return AdaptConfig(data="<captured samples>", domain=self.domain, model=self.model, checkpoint=self.checkpoint,
                            method=self.method, registry=None, steps=self.steps_per_round, batch_size=self.batch_size,
                            lr=self.lr, warmup_steps=self.warmup_steps, lora_rank=self.lora_rank,
-                           lora_targets=tuple(self.lora_targets),
+                           lora_targets=self.lora_targets,
                            seed=self.seed + round_no, device=self.device, eval_every=self.steps_per_round + 1,
                            val_fraction=0.0, ema_decay=self.ema_decay, clip_to_box=self.clip_to_box,
                            respect_points=self.respect_points, select="fixed", pull=self.pull,
